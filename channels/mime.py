@@ -325,67 +325,59 @@ def _split_headers(
     a well-known one among them, follow it up to a blank line. A leading
     mbox ``From `` line is skipped.
     """
+    if data.startswith((b"\n", b"\r\n"), start):
+        return [], data.index(b"\n", start) + 1, []
+    blank = _BLANK_LINE.search(data, start)
+    lines = data[start : blank.start() if blank else len(data)].split(b"\n")
+
     fields: list[_Field] = []
-    pending: list[bytes] = []
     problems: list[str] = []
-    pos, size = start, len(data)
-    while pos < size:
-        end = data.find(b"\n", pos)
-        next_pos = size if end < 0 else end + 1
-        line = data[pos:next_pos].rstrip(b"\r\n")
-        if not line:
-            _close_field(fields, pending)
-            return fields, next_pos, problems
-        if line[0] in b" \t" and pending:
-            pending.append(line)
+    name, parts = b"", list[bytes]()
+    for index, line in enumerate(lines):
+        line = line.removesuffix(b"\r")  # noqa: PLW2901 - the same line, bare
+        if line[:1] in (b" ", b"\t") and name:
+            parts.append(line)
         elif match := _FIELD.match(line):
-            _close_field(fields, pending)
-            pending = [match[1], match[2]]
-        elif pos == start and line.startswith(b"From "):
+            _add_field(fields, name, parts)
+            name, parts = match[1], [match[2]]
+        elif index == 0 and line.startswith(b"From "):
             pass  # an mbox separator
-        elif lenient and _only_headers_follow(data, next_pos):
+        elif lenient and blank and _only_headers(lines[index + 1 :]):
             problems.append(f"malformed header line skipped: {_shown(line)!r}")
         else:
-            _close_field(fields, pending)
+            _add_field(fields, name, parts)
             problems.append("header block ended without a blank line")
-            return fields, pos, problems
-        pos = next_pos
+            return fields, start + sum(len(x) + 1 for x in lines[:index]), problems
 
-    _close_field(fields, pending)
-    return fields, size, problems
+    _add_field(fields, name, parts)
+    return fields, blank.end() if blank else len(data), problems
 
 
-def _only_headers_follow(data: bytes, pos: int) -> bool:
-    """Whether the next lines, up to a blank line, are all header fields."""
+_BLANK_LINE = re.compile(rb"\n\r?\n")
+
+
+def _add_field(fields: list[_Field], name: bytes, parts: list[bytes]) -> None:
+    if name:
+        text = name.decode("ascii")
+        fields.append(_Field(text.lower(), text, b"".join(parts).strip(b" \t")))
+
+
+def _only_headers(lines: list[bytes]) -> bool:
+    """Whether ``lines`` are all header fields, a well-known one among them."""
     seen_known = False
-    for _ in range(50):
-        end = data.find(b"\n", pos)
-        if end < 0:
+    for line in lines:
+        if line[:1] in (b" ", b"\t"):
+            continue
+        match = _FIELD.match(line)
+        if match is None:
             return False
-        line = data[pos:end].rstrip(b"\r")
-        if not line:
-            return seen_known
-        if line[0] not in b" \t":
-            match = _FIELD.match(line)
-            if match is None:
-                return False
-            seen_known |= match[1].decode("ascii").lower() in _USABLE_HEADERS
-        pos = end + 1
+        seen_known |= match[1].decode("ascii").lower() in _USABLE_HEADERS
 
-    return False
+    return seen_known
 
 
 def _shown(line: bytes) -> str:
     return line[:60].decode("utf-8", "replace")
-
-
-def _close_field(fields: list[_Field], pending: list[bytes]) -> None:
-    if not pending:
-        return
-    name = pending[0].decode("ascii")
-    value = b"".join(pending[1:]).strip(b" \t")
-    fields.append(_Field(name.lower(), name, value))
-    pending.clear()
 
 
 def _header_text(value: str | bytes, name: str, defects: list[str]) -> str:

@@ -20,6 +20,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -125,12 +126,89 @@ class TicketSettings(Section):
         return value
 
 
+class ImapMailbox(Section):
+    """One ``[[imap.mailboxes]]`` table: a folder Intake reads and files."""
+
+    name: Annotated[str, Field(min_length=1, max_length=100)]
+    host: str
+    port: Annotated[int, Field(gt=0, lt=65536)] | None = None  # 993 or 143
+    tls: Literal["implicit", "starttls", "none"] = "implicit"
+    username: str
+    password: SecretStr | None = None
+    password_file: Path | None = None
+    # A command that prints an XOAUTH2 access token (Gmail, Microsoft 365).
+    oauth2_token_command: Annotated[str | None, Field(validate_default=True)] = None
+    folder: str = "INBOX"
+    after: Literal["seen", "move"] = "seen"
+    move_to: Annotated[str, Field(validate_default=True)] = ""
+    poll_seconds: Annotated[float, Field(gt=0)] = 60.0
+    import_existing: bool = True
+    timeout_seconds: Annotated[float, Field(gt=0)] = 30.0
+
+    @field_validator("tls")
+    @classmethod
+    def _clear_text_only_on_loopback(cls, value: str, info: ValidationInfo) -> str:
+        host = info.data.get("host", "")
+        if value == "none" and not is_loopback(host):
+            raise ValueError(
+                "sends the password in clear text, so it is only allowed to a "
+                f'loopback host; use "implicit" or "starttls" {_where(info)}'
+            )
+        return value
+
+    @field_validator("oauth2_token_command")
+    @classmethod
+    def _one_secret(cls, value: str | None, info: ValidationInfo) -> str | None:
+        given = [info.data.get("password"), info.data.get("password_file"), value]
+        if sum(secret is not None for secret in given) != 1:
+            raise ValueError(
+                "give exactly one of password, password_file or "
+                f"oauth2_token_command {_where(info)}"
+            )
+        return value
+
+    @field_validator("move_to")
+    @classmethod
+    def _move_needs_a_folder(cls, value: str, info: ValidationInfo) -> str:
+        if info.data.get("after") == "move" and not value:
+            raise ValueError(f'after = "move" needs move_to = "FOLDER" {_where(info)}')
+        if value and value == info.data.get("folder"):
+            raise ValueError(f"must differ from folder {_where(info)}")
+        return value
+
+    @property
+    def effective_port(self) -> int:
+        if self.port is not None:
+            return self.port
+        return 993 if self.tls == "implicit" else 143
+
+
+def _where(info: ValidationInfo) -> str:
+    return f"(mailbox {info.data.get('name')!r})"
+
+
+class ImapSettings(Section):
+    mailboxes: list[ImapMailbox] = Field(default_factory=list)
+
+    @field_validator("mailboxes")
+    @classmethod
+    def _unique_names(cls, value: list[ImapMailbox]) -> list[ImapMailbox]:
+        names = [mailbox.name for mailbox in value]
+        doubled = sorted({name for name in names if names.count(name) > 1})
+        if doubled:
+            # Raised as ConfigError, not ValueError, so that pydantic does not
+            # attach the input, which holds every mailbox's password.
+            raise ConfigError("imap.mailboxes", "names must be unique", doubled)
+        return value
+
+
 class Settings(Section):
     state_dir: Path = Path("./var")
     store: StoreSettings = Field(default_factory=StoreSettings)
     smtp: SmtpSettings = Field(default_factory=SmtpSettings)
     outbound: OutboundSettings = Field(default_factory=OutboundSettings)
     tickets: TicketSettings = Field(default_factory=TicketSettings)
+    imap: ImapSettings = Field(default_factory=ImapSettings)
 
     @property
     def database_url(self) -> str:
@@ -211,4 +289,12 @@ def _first_problem(exc: ValidationError) -> ConfigError:
     if error["type"] == "extra_forbidden":
         return ConfigError(setting, "unknown setting")
 
-    return ConfigError(setting, error["msg"], error.get("input"))
+    value = error.get("input")
+    if isinstance(value, dict) or _is_secret(setting):
+        value = None  # a table may hold a password; never echo secrets
+
+    return ConfigError(setting, error["msg"], value)
+
+
+def _is_secret(setting: str) -> bool:
+    return any(word in setting for word in ("password", "token", "secret"))

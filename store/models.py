@@ -260,3 +260,47 @@ class Outbox(Base):
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     message: Mapped[Message] = relationship()
+
+
+class MailboxCursor(Base):
+    """How far Intake has read an IMAP folder: UIDVALIDITY and the last UID.
+
+    Never the \\Seen flag, so a person reading the mailbox elsewhere hides
+    nothing. UIDs are valid only with their UIDVALIDITY (RFC 3501 2.3.1.1).
+    """
+
+    __tablename__ = "mailbox_cursors"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    mailbox: Mapped[str] = mapped_column(String(100), unique=True)
+    folder: Mapped[str] = mapped_column(String(1000))
+    uidvalidity: Mapped[int] = mapped_column(BigInteger)
+    last_uid: Mapped[int] = mapped_column(BigInteger)
+    # The highest UID counted in a MailboxTally, so none is counted twice.
+    seen_uid: Mapped[int] = mapped_column(BigInteger)
+    # UIDs up to this one were in the folder before Intake first read it:
+    # old mail, imported without acknowledgements.
+    backlog_uid: Mapped[int] = mapped_column(BigInteger)
+    last_poll_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_ok_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_error: Mapped[str] = mapped_column(Text, default="")
+
+
+class MailboxTally(Base):
+    """Per mailbox and UTC day: mail that reached the folder vs mail imported.
+
+    ``on_server`` counts new UIDs seen above the cursor, ``imported`` the
+    messages committed and passed by the cursor, ``waiting`` what was left
+    above the cursor at the last check.
+    """
+
+    __tablename__ = "mailbox_tallies"
+    __table_args__ = (UniqueConstraint("mailbox", "day"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    mailbox: Mapped[str] = mapped_column(String(100))
+    day: Mapped[str] = mapped_column(String(10))  # YYYY-MM-DD, UTC
+    on_server: Mapped[int] = mapped_column(Integer, default=0)
+    imported: Mapped[int] = mapped_column(Integer, default=0)
+    waiting: Mapped[int] = mapped_column(Integer, default=0)
+    checked_at: Mapped[datetime] = mapped_column(UTCDateTime)
