@@ -2,11 +2,12 @@
 
 Header blocks are split, MIME entities cut at their boundary lines and
 parameters read (RFC 2045, RFC 2046, RFC 2231) by the small parser below,
-working on bytes: it is several times faster than the standard library's
-parser under any policy, keeps every part's bytes exact, and cannot raise on
-an odd header the way ``policy.default`` does lazily. Headers and bodies are
-decoded with one charset fallback chain: the declared charset, then UTF-8,
-then windows-1252. Problems found on the way become short sentences in
+working on bytes. A whole ``parse_email`` costs about what the standard
+library's compat32 parse alone costs, a tenth of ``policy.default``; it
+keeps every part's bytes exact and cannot raise on an odd header the way
+``policy.default`` does lazily. Headers and bodies are decoded with one
+charset fallback chain: the declared charset, then UTF-8, then
+windows-1252. Problems found on the way become short sentences in
 ``Inbound.defects``; only input that cannot be mail at all raises
 ``Unparseable``.
 """
@@ -113,7 +114,6 @@ _NOT_BASE64 = re.compile(rb"[^A-Za-z0-9+/]")
 _HTML_META_CHARSET = re.compile(rb"<meta[^>]+charset=[\"']?([\w.:-]+)", re.I)
 _FILENAME_UNSAFE = re.compile(r'[\x00-\x1f\x7f/\\:*?"<>|]+')
 _CONTROL_TO_SPACE = str.maketrans("\t\r\n", "   ")
-_CAMEL_WORD = re.compile(r"(?<!^)(?=[A-Z])")
 
 _IDENTITY_ENCODINGS = frozenset(
     {"", "7bit", "8bit", "binary", "7-bit", "8-bit", "7bits", "8bits"}
@@ -194,12 +194,13 @@ def parse_email(
     envelope_recipients: Sequence[str] = (),
 ) -> Inbound:
     """Parse one message; raise ``Unparseable`` only for input that is not mail."""
-    start = _start_of_message(raw)
-    fields, body_start, problems = _split_headers(raw, start, lenient=True)
-    _require_usable_headers(fields)
-
     try:
+        start = _start_of_message(raw)
+        fields, body_start, problems = _split_headers(raw, start, lenient=True)
+        _require_usable_headers(fields)
         inbound = _build(raw, fields, body_start, envelope_sender)
+    except Unparseable:
+        raise
     except Exception as exc:  # a bug here must quarantine the message, not crash
         raise Unparseable(f"parser failure: {type(exc).__name__}: {exc}") from exc
 
@@ -244,12 +245,15 @@ def parse_delivery_status(inbound: Inbound) -> list[DeliveryStatus]:
     for attachment in inbound.attachments:
         if attachment.content_type not in _STATUS_TYPES:
             continue
-        for block in re.split(rb"\r?\n[ \t]*\r?\n", attachment.content):
+        for block in _STATUS_BLOCK_END.split(attachment.content):
             status = _recipient_status(block)
             if status is not None:
                 found.append(status)
 
     return found
+
+
+_STATUS_BLOCK_END = re.compile(rb"\r?\n[ \t]*\r?\n")
 
 
 def content_hash(raw: bytes) -> str:
@@ -333,8 +337,10 @@ def _split_headers(
     fields: list[_Field] = []
     problems: list[str] = []
     name, parts = b"", list[bytes]()
-    for index, line in enumerate(lines):
-        line = line.removesuffix(b"\r")  # noqa: PLW2901 - the same line, bare
+    for index, ended_line in enumerate(lines):
+        line = ended_line.removesuffix(b"\r")
+        if not line:
+            continue  # the line break that ends the data
         if line[:1] in (b" ", b"\t") and name:
             parts.append(line)
         elif match := _FIELD.match(line):
@@ -811,7 +817,7 @@ def _split_multipart(body: bytes, boundary: bytes) -> tuple[list[bytes], bool, b
             return parts, True, True
         start = pos = line_end + 1
 
-    if start is not None:
+    if start is not None and body[start:].strip():
         parts.append(body[start:])
     return parts, start is not None, False
 

@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from channels.mime import parse_email
 from intake.classify import classify, wants_no_reply
 from intake.domain import Address, Channel, Inbound, Kind
 
@@ -165,3 +166,39 @@ def test_wants_no_reply_reads_x_auto_response_suppress(
     asks = wants_no_reply(inbound)
 
     assert asks is expected
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (
+            b"From: Mail Delivery System <MAILER-DAEMON@mx.example.net>\n"
+            b"Content-Type: multipart/report; report-type=delivery-status;\n"
+            b"\tboundary=b\n\n--b\nContent-Type: text/plain\n\nfailed\n"
+            b"--b\nContent-Type: message/delivery-status\n\n"
+            b"Reporting-MTA: dns; mx\n\nFinal-Recipient: rfc822; a@b\n"
+            b"Action: failed\nStatus: 5.1.1\n--b--\n",
+            Kind.BOUNCE,
+        ),
+        (
+            b"From: jane@example.org\nAuto-Submitted: auto-replied\n"
+            b"Subject: Out of Office\n\naway\n",
+            Kind.AUTO_REPLY,
+        ),
+        (
+            b"From: jane@example.org\nX-Auto-Response-Suppress: All\n"
+            b"Subject: help\n\nmy order\n",
+            Kind.HUMAN,
+        ),
+        (
+            b"From: Support <Support@Example.com>\nSubject: [#12] ack\n\nthanks\n",
+            Kind.LOOP,
+        ),
+    ],
+)
+def test_parsed_mail_is_classified(raw: bytes, expected: Kind) -> None:
+    inbound = parse_email(raw)
+
+    kind = classify(inbound, own_addresses=OWN_ADDRESSES, own_domains=OWN_DOMAINS)
+
+    assert kind is expected
