@@ -1,18 +1,64 @@
-"""Raw email bytes to an outcome: parse, then accept or quarantine.
+"""Raw email bytes to outcomes: parse, then accept or quarantine.
 
 Shared by every email channel (SMTP, IMAP, file import, quarantine retry).
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from channels.mime import content_hash, parse_email
-from intake.accept import Intake, Outcome
-from intake.errors import StoreUnavailable, Unparseable
+from intake.accept import Arrival, Intake, Outcome
+from intake.errors import Unparseable
 
-log = logging.getLogger(__name__)
+
+@dataclass(frozen=True, slots=True)
+class RawEmail:
+    """Raw bytes as a channel received them, with where they came from."""
+
+    raw: bytes
+    source: str
+    source_key: str | None = None
+    envelope_sender: str | None = None
+    envelope_recipients: Sequence[str] = field(default_factory=tuple)
+    acknowledge: bool = True
+
+
+def arrival(email: RawEmail) -> Arrival:
+    """Parse ``email``; what cannot be parsed is marked for the quarantine.
+
+    Pure: no store access, so it runs outside the transaction.
+    """
+    digest = content_hash(email.raw)
+    try:
+        inbound = parse_email(
+            email.raw,
+            envelope_sender=email.envelope_sender,
+            envelope_recipients=email.envelope_recipients,
+        )
+    except Unparseable as exc:
+        reason = exc.reason
+        return Arrival(email.raw, digest, email.source, email.source_key, None, reason)
+
+    return Arrival(
+        email.raw,
+        digest,
+        email.source,
+        email.source_key,
+        inbound,
+        acknowledge=email.acknowledge,
+    )
+
+
+def receive_many(intake: Intake, emails: Sequence[RawEmail]) -> list[Outcome]:
+    """Store every message, in one transaction; raises StoreUnavailable only.
+
+    A message that cannot be parsed, or whose processing fails for any
+    reason but the store, is quarantined with the reason: it is never
+    dropped and never blocks the messages beside it.
+    """
+    return intake.accept_batch([arrival(email) for email in emails])
 
 
 def receive(
@@ -25,37 +71,8 @@ def receive(
     envelope_recipients: Sequence[str] = (),
     acknowledge: bool = True,
 ) -> Outcome:
-    """Store ``raw`` one way or another; raises StoreUnavailable only.
-
-    A message that cannot be parsed, or whose processing fails for any
-    reason but the store, is quarantined with the reason: it is never
-    dropped and never blocks the messages behind it.
-    """
-    digest = content_hash(raw)
-    try:
-        inbound = parse_email(
-            raw,
-            envelope_sender=envelope_sender,
-            envelope_recipients=envelope_recipients,
-        )
-    except Unparseable as exc:
-        return intake.quarantine(
-            raw, exc.reason, digest=digest, source=source, source_key=source_key
-        )
-
-    try:
-        return intake.accept(
-            inbound,
-            digest=digest,
-            source=source,
-            source_key=source_key,
-            acknowledge=acknowledge,
-        )
-    except StoreUnavailable:
-        raise
-    except Exception as exc:  # a bug must cost a quarantine entry, not a message
-        log.exception("processing failed source=%s key=%s", source, source_key)
-        reason = f"processing failed: {type(exc).__name__}: {exc}"
-        return intake.quarantine(
-            raw, reason, digest=digest, source=source, source_key=source_key
-        )
+    """One message; see ``receive_many``."""
+    email = RawEmail(
+        raw, source, source_key, envelope_sender, envelope_recipients, acknowledge
+    )
+    return receive_many(intake, [email])[0]

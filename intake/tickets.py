@@ -1,4 +1,8 @@
-"""Ticket state changes, each recorded as an event in the same transaction."""
+"""Ticket state changes, each recorded as an event in the same transaction.
+
+They take the caller's connection, so a change and whatever caused it (a
+message stored, an outbox row queued) commit or fail together.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +11,47 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, bindparam, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 
-from store.models import Counter, Customer, Event, Participant, Ticket
+from store.tables import contacts, counters, events, messages, participants, tickets
 
 OPEN_STATUSES = ("open", "pending")
+
+
+@dataclass(frozen=True, slots=True)
+class TicketRef:
+    """What the domain needs to know of a ticket to place a message on it."""
+
+    id: int
+    number: int
+    status: str
+    resolved_at: datetime | None
+    customer_id: int
+
+
+REF_COLUMNS = (
+    tickets.c.id,
+    tickets.c.number,
+    tickets.c.status,
+    tickets.c.resolved_at,
+    tickets.c.customer_id,
+)
+# Built once; see the note in intake.accept.
+REF_BY_ID = select(*REF_COLUMNS).where(tickets.c.id == bindparam("id"))
+NEXT_NUMBER = (
+    update(counters)
+    .where(counters.c.name == "ticket")
+    .values(value=counters.c.value + 1)
+    .returning(counters.c.value)
+)
+INSERT_EVENT = insert(events)
+INSERT_TICKET = insert(tickets).returning(tickets.c.id)
+TOUCH = (
+    update(tickets)
+    .where(tickets.c.id == bindparam("ticket_id"))
+    .values(last_activity_at=bindparam("now"), status="open")
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,19 +63,35 @@ class Found:
     quoted; ``step`` names the rung that matched, for the log.
     """
 
-    ticket: Ticket | None
+    ticket: TicketRef | None
     step: str
-    linked: Ticket | None = None
+    linked: TicketRef | None = None
 
 
-def next_number(session: Session) -> int:
-    """The next ticket number; the counter row's lock serialises writers."""
-    number = session.scalar(
-        update(Counter)
-        .where(Counter.name == "ticket")
-        .values(value=Counter.value + 1)
-        .returning(Counter.value)
+def by_id(connection: Connection, ticket_id: int) -> TicketRef | None:
+    row = connection.execute(REF_BY_ID, {"id": ticket_id})
+    found = row.first()
+    return TicketRef(*found) if found else None
+
+
+def by_number(connection: Connection, number: int) -> TicketRef | None:
+    row = connection.execute(select(*REF_COLUMNS).where(tickets.c.number == number))
+    found = row.first()
+    return TicketRef(*found) if found else None
+
+
+def number_of_message(connection: Connection, message_pk: int) -> int | None:
+    number = connection.scalar(
+        select(tickets.c.number)
+        .join(messages, messages.c.ticket_id == tickets.c.id)
+        .where(messages.c.id == message_pk)
     )
+    return int(number) if number is not None else None
+
+
+def next_number(connection: Connection) -> int:
+    """The next ticket number; the counter row's lock serialises writers."""
+    number = connection.scalar(NEXT_NUMBER)
     if number is None:
         raise RuntimeError("the ticket counter is missing; run `intake init`")
 
@@ -44,98 +99,114 @@ def next_number(session: Session) -> int:
 
 
 def record(
-    session: Session,
-    ticket: Ticket,
+    connection: Connection,
+    ticket_id: int,
     kind: str,
     at: datetime,
     actor: str = "",
     **detail: Any,
 ) -> None:
-    session.add(
-        Event(ticket_id=ticket.id, at=at, kind=kind, actor=actor, detail=detail)
+    connection.execute(
+        INSERT_EVENT,
+        {
+            "ticket_id": ticket_id,
+            "at": at,
+            "kind": kind,
+            "actor": actor,
+            "detail": detail,
+        },
     )
 
 
 def open_ticket(
-    session: Session,
-    customer: Customer,
+    connection: Connection,
+    customer_id: int,
     subject: str,
     channel: str,
     now: datetime,
     *,
-    linked: Ticket | None = None,
-) -> Ticket:
-    ticket = Ticket(
-        number=next_number(session),
-        subject=subject,
-        status="open",
-        priority="normal",
-        channel=channel,
-        customer_id=customer.id,
-        linked_ticket_id=linked.id if linked else None,
-        opened_at=now,
-        last_activity_at=now,
-        reopen_count=0,
-    )
-    session.add(ticket)
-    session.flush()
+    linked: TicketRef | None = None,
+) -> TicketRef:
+    number = next_number(connection)
+    ticket_id = connection.execute(
+        INSERT_TICKET,
+        {
+            "number": number,
+            "subject": subject,
+            "status": "open",
+            "priority": "normal",
+            "channel": channel,
+            "customer_id": customer_id,
+            "linked_ticket_id": linked.id if linked else None,
+            "opened_at": now,
+            "last_activity_at": now,
+            "reopen_count": 0,
+        },
+    ).scalar_one()
     record(
-        session,
-        ticket,
-        "created",
-        now,
-        linked=linked.number if linked else None,
+        connection, ticket_id, "created", now, linked=linked.number if linked else None
     )
 
-    return ticket
+    return TicketRef(ticket_id, number, "open", None, customer_id)
 
 
-def touch(ticket: Ticket, now: datetime) -> None:
+def touch(connection: Connection, ticket: TicketRef, now: datetime) -> None:
     """A customer wrote again: the ticket is waiting on us once more."""
-    ticket.last_activity_at = now
-    if ticket.status == "pending":
-        ticket.status = "open"
+    connection.execute(TOUCH, {"ticket_id": ticket.id, "now": now})
 
 
-def reopen(session: Session, ticket: Ticket, now: datetime, *, actor: str) -> None:
-    ticket.status = "open"
-    ticket.reopen_count += 1
-    ticket.last_activity_at = now
-    record(session, ticket, "reopened", now, actor=actor)
+def reopen(
+    connection: Connection, ticket: TicketRef, now: datetime, *, actor: str
+) -> None:
+    connection.execute(
+        update(tickets)
+        .where(tickets.c.id == ticket.id)
+        .values(
+            status="open",
+            reopen_count=tickets.c.reopen_count + 1,
+            last_activity_at=now,
+        )
+    )
+    record(connection, ticket.id, "reopened", now, actor=actor)
 
 
-def resolve(session: Session, ticket: Ticket, now: datetime, *, actor: str) -> None:
-    ticket.status = "resolved"
-    ticket.resolved_at = now
-    ticket.last_activity_at = now
-    record(session, ticket, "resolved", now, actor=actor)
+def resolve(
+    connection: Connection, ticket: TicketRef, now: datetime, *, actor: str
+) -> None:
+    connection.execute(
+        update(tickets)
+        .where(tickets.c.id == ticket.id)
+        .values(status="resolved", resolved_at=now, last_activity_at=now)
+    )
+    record(connection, ticket.id, "resolved", now, actor=actor)
 
 
 def add_participants(
-    session: Session, ticket: Ticket, addresses: Iterable[str]
+    connection: Connection, ticket_id: int, addresses: Iterable[str]
 ) -> None:
-    wanted = set(addresses)
-    if not wanted:
+    """Remember who wrote on a ticket; addresses already known are skipped."""
+    rows = [{"ticket_id": ticket_id, "address": a} for a in sorted(set(addresses))]
+    if not rows:
         return
-    known = set(
-        session.scalars(
-            select(Participant.address).where(
-                Participant.ticket_id == ticket.id, Participant.address.in_(wanted)
-            )
-        )
-    )
-    session.add_all(
-        Participant(ticket_id=ticket.id, address=address)
-        for address in sorted(wanted - known)
-    )
+
+    dialect = connection.dialect.name
+    builder = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    connection.execute(builder(participants).on_conflict_do_nothing(), rows)
 
 
-def is_participant(session: Session, ticket: Ticket, address: str) -> bool:
-    return (
-        session.scalar(
-            select(Participant.id).where(
-                Participant.ticket_id == ticket.id, Participant.address == address
-            )
+def is_participant(connection: Connection, ticket: TicketRef, address: str) -> bool:
+    """The ticket's customer (by any of their addresses) or a participant."""
+    customer = connection.scalar(
+        select(contacts.c.customer_id).where(
+            contacts.c.kind == "email", contacts.c.value == address
         )
-        is not None
     )
+    if customer == ticket.customer_id:
+        return True
+
+    listed = connection.scalar(
+        select(participants.c.id).where(
+            participants.c.ticket_id == ticket.id, participants.c.address == address
+        )
+    )
+    return listed is not None

@@ -128,8 +128,10 @@ def test_no_fuzzy_subject_matching_ever(parts: Parts) -> None:
 
 def resolve(parts: Parts, number: int) -> None:
     with parts.intake.session_factory.begin() as session:
-        ticket = session.scalars(select(Ticket).where(Ticket.number == number)).one()
-        tickets.resolve(session, ticket, parts.clock.now(), actor="test")
+        connection = session.connection()
+        ticket = tickets.by_number(connection, number)
+        assert ticket is not None
+        tickets.resolve(connection, ticket, parts.clock.now(), actor="test")
 
 
 def test_reply_to_resolved_ticket_within_the_window_reopens_it(
