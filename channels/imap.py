@@ -33,7 +33,7 @@ from datetime import date, datetime
 from typing import Any, Protocol, TypeVar
 
 from imapclient import DELETED, SEEN, IMAPClient, SocketTimeout
-from imapclient.exceptions import IMAPClientError, LoginError
+from imapclient.exceptions import IMAPClientAbortError, IMAPClientError, LoginError
 from sqlalchemy import Connection, Engine, select, text
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import Session
@@ -527,6 +527,13 @@ def translate(mailbox: ImapMailbox, exc: BaseException) -> MailboxError:
             mailbox.name, f"network error with {where} ({exc})", "check the network"
         )
 
+    if isinstance(exc, IMAPClientAbortError):
+        return MailboxError(
+            mailbox.name,
+            f"connection to {where} lost ({exc})",
+            "the server went away; see its log if this lasts",
+        )
+
     return MailboxError(mailbox.name, f"server error ({exc})", "see the server's log")
 
 
@@ -691,6 +698,11 @@ class MailboxPoller:
                 with suppress(OSError):
                     self._client.socket().shutdown(socket.SHUT_RDWR)
 
+    @property
+    def idling(self) -> bool:
+        """True while the thread waits in IDLE for the server's news."""
+        return self._idling
+
     # -- one connection -------------------------------------------------
 
     def _serve(self, *, once: bool) -> bool:
@@ -826,13 +838,14 @@ class MailboxPoller:
         position = self.run_in_store(
             lambda: self.cursors.advanced(self.name, before, passed, len(committed))
         )
+        done = "marked \\Seen" if self.mailbox.after == "seen" else "moved"
         log.info(
-            "imap: mailbox=%s imported %d messages, uids %d-%d, filed (%s)",
+            "imap: mailbox=%s committed %d messages, uids %d-%d, then %s",
             self.name,
             len(committed),
             before.last_uid + 1,
             passed,
-            self.mailbox.after,
+            done,
         )
 
         return position
@@ -850,12 +863,12 @@ class MailboxPoller:
             )
         )
 
-        if outcome.status == "quarantined" or log.isEnabledFor(logging.DEBUG):
-            level = (
-                logging.WARNING if outcome.status == "quarantined" else logging.DEBUG
-            )
+        # accept() logs the summary line (and a warning for the quarantine);
+        # this one adds the UID and Message-ID that a person searches for.
+        held = outcome.status == "quarantined"
+        if held or log.isEnabledFor(logging.DEBUG):
             log.log(
-                level,
+                logging.INFO if held else logging.DEBUG,
                 "imap: mailbox=%s uid=%d message_id=%s outcome=%s%s",
                 self.name,
                 uid,
@@ -922,15 +935,17 @@ class MailboxPoller:
         self._standing_by = True
 
     def _failed(self, exc: Exception) -> None:
-        known = (MailboxError, OSError, IMAPClientError)
-        if isinstance(exc, known):
-            problem = str(translate(self.mailbox, exc))
-        elif isinstance(exc, (StoreUnavailable, SQLAlchemyError)):
-            problem = f"mailbox {self.name}: store unavailable ({exc})"
+        store_errors = (StoreUnavailable, SQLAlchemyError)
+        unexpected = False
+        if isinstance(exc, (MailboxError, OSError, IMAPClientError)):
+            error = translate(self.mailbox, exc)
+            problem = f"{error.problem}: {error.fix}"
+        elif isinstance(exc, store_errors):
+            problem = f"store unavailable ({exc}); the messages wait on the server"
         else:
-            problem = f"mailbox {self.name}: unexpected {type(exc).__name__}: {exc}"
+            problem = f"unexpected {type(exc).__name__}: {exc}"
+            unexpected = True
 
-        unexpected = not isinstance(exc, (*known, StoreUnavailable, SQLAlchemyError))
         if self._outage.failed(problem, trace=unexpected):
             with suppress(Exception):
                 self.run_in_store(lambda: self.cursors.failed(self.name, problem))

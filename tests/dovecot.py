@@ -17,20 +17,16 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import pytest
 from imapclient import IMAPClient
 
+from tests.conftest import free_port
+
 USER = "support"
 PASSWORD = "correct horse"  # noqa: S105 (a test account on loopback)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def dovecot_binary() -> str:
@@ -74,6 +70,7 @@ class Dovecot:
                 [self.binary, "-F", "-c", str(self.root / "dovecot.conf")],
                 stdout=subprocess.DEVNULL,
                 stderr=errors,
+                start_new_session=True,
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -87,10 +84,18 @@ class Dovecot:
         raise RuntimeError(f"dovecot did not listen in {timeout}s:\n{self.log()}")
 
     def stop(self, timeout: float = 20.0) -> None:
-        if self.process is None or self.process.poll() is not None:
+        """Stop every Dovecot process, as systemd stops the whole unit.
+
+        Dovecot's master leaves running IMAP sessions alive when it exits,
+        so the signal goes to the process group the master leads.
+        """
+        if self.process is None:
             return
-        self.process.send_signal(signal.SIGTERM)
-        self.process.wait(timeout)
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout)
+        with suppress(ProcessLookupError):  # sessions that outlived the master
+            os.killpg(self.process.pid, signal.SIGKILL)
 
     def remove(self) -> None:
         self.stop()

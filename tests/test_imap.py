@@ -18,9 +18,10 @@ from typing import Any
 
 import pytest
 from imapclient import SEEN
-from sqlalchemy import create_engine, text
-from sqlalchemy.exc import OperationalError
+from sqlalchemy import create_engine, select, text
+from sqlalchemy.exc import DBAPIError, OperationalError
 
+from channels.email import receive
 from channels.imap import (
     AdvisoryLock,
     Backoff,
@@ -41,17 +42,24 @@ from intake.clock import FrozenClock
 from intake.config import ImapMailbox, load_settings
 from intake.daemon import Parts, prepare
 from intake.errors import ConfigError, StoreUnavailable
+from store import queries
+from store.models import Quarantine
 from tests.conftest import (
     START,
     DaemonProcess,
+    corpus_files,
+    crlf,
     free_port,
     make_mail,
+    read_rows,
     run_cli,
     write_config,
 )
 from tests.dovecot import Dovecot, running_dovecot
 
 # -- helpers -----------------------------------------------------------------
+
+WRONG_PASSWORD = "not the password"  # noqa: S105 (wrong on purpose)
 
 
 @pytest.fixture
@@ -100,26 +108,24 @@ def customer_mails(count: int, tag: str = "m") -> list[tuple[str, bytes]]:
     return mails
 
 
-def database(parts_or_config: Parts | Path) -> Path:
+def database(parts_or_config: Parts | Path) -> str:
+    """The test's database URL: SQLite, or PostgreSQL in the matrix run."""
     if isinstance(parts_or_config, Parts):
-        return parts_or_config.settings.state_dir / "intake.db"
-    return parts_or_config.parent / "state" / "intake.db"
+        return parts_or_config.settings.database_url
+    return load_settings(parts_or_config, environ={}).database_url
 
 
-def stored_ids(db: Path) -> Counter[str]:
+def stored_ids(db: str) -> Counter[str]:
     """Inbound messages by Message-ID, read without taking a write lock."""
-    if not db.exists():
-        return Counter()
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30) as connection:
-        rows = connection.execute(
-            "select message_id from messages where direction = 'in'"
-        ).fetchall()
+    try:
+        rows = read_rows(db, "select message_id from messages where direction = 'in'")
+    except DBAPIError:
+        return Counter()  # the daemon has not created it yet
     return Counter((row[0] or "").strip("<>") for row in rows)
 
 
-def count_rows(db: Path, table: str) -> int:
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30) as connection:
-        return int(connection.execute(f"select count(*) from {table}").fetchone()[0])  # noqa: S608 (test tables)
+def count_rows(db: str, table: str) -> int:
+    return int(read_rows(db, f"select count(*) from {table}")[0][0])  # noqa: S608 (test tables)
 
 
 def ids_by_uid(server: Dovecot, folder: str) -> dict[int, str]:
@@ -391,7 +397,8 @@ def test_changed_uidvalidity_imports_no_duplicates(
 
     after = cursors.load("support")
     stored = stored_ids(database(parts))
-    assert before is not None and after is not None
+    assert before is not None
+    assert after is not None
     assert after.uidvalidity != before.uidvalidity
     assert set(stored) == {message_id for message_id, _ in mails + extra}
     assert max(stored.values()) == 1
@@ -413,6 +420,7 @@ def test_a_message_that_cannot_be_parsed_is_quarantined_and_the_batch_goes_on(
     assert all_seen(dovecot, "INBOX")
 
 
+@pytest.mark.sqlite_only  # holds SQLite's write lock to make the store fail
 def test_store_failure_stops_the_batch_and_leaves_the_rest_unflagged(
     tmp_path: Path, dovecot: Dovecot
 ) -> None:
@@ -421,7 +429,8 @@ def test_store_failure_stops_the_batch_and_leaves_the_rest_unflagged(
     )
     parts = prepare(load_settings(config, environ={}), FrozenClock(START))
     db = database(parts)
-    blocker = sqlite3.connect(db, isolation_level=None)
+    db_file = parts.settings.state_dir / "intake.db"
+    blocker = sqlite3.connect(db_file, isolation_level=None)
     accepted: list[object] = []
 
     def block_after_two(outcome: object) -> None:
@@ -538,7 +547,7 @@ def test_wrong_password_is_reported_as_login_refused(
     cursors = Cursors(parts.intake.session_factory, parts.clock)
 
     with pytest.raises(MailboxError) as refused:
-        check_mailbox(mailbox_for(dovecot, password="wrong"), cursors)
+        check_mailbox(mailbox_for(dovecot, password=WRONG_PASSWORD), cursors)
 
     assert str(refused.value).startswith(
         "mailbox support: login refused: check username and password"
@@ -553,7 +562,7 @@ def test_refused_connection_names_host_port_and_tls(parts: Parts) -> None:
         port=port,
         tls="none",
         username="u",
-        password="p",
+        password=WRONG_PASSWORD,
         timeout_seconds=5,
     )
     cursors = Cursors(parts.intake.session_factory, parts.clock)
@@ -587,12 +596,82 @@ def test_stop_ends_an_idle_without_waiting_for_the_poll_interval(
     poller = poller_for(parts, mailbox_for(dovecot, poll_seconds=600))
     thread = threading.Thread(target=poller.run)
     thread.start()
-    wait_for(lambda: poller._idling, 10, "the poller to IDLE")
+    wait_for(lambda: poller.idling, 10, "the poller to IDLE")
 
     poller.stop()
     thread.join(10)
 
     assert not thread.is_alive()
+
+
+def test_without_idle_the_poller_polls_every_interval(parts: Parts) -> None:
+    mails = customer_mails(2)
+    with running_dovecot("imap_capability = IMAP4rev1 UIDPLUS MOVE\n") as server:
+        poller = poller_for(parts, mailbox_for(server, poll_seconds=0.2))
+        thread = threading.Thread(target=poller.run)
+        thread.start()
+        try:
+            server.append("INBOX", [mails[0][1]])
+            wait_for(lambda: len(stored_ids(database(parts))) == 1, 10, "one")
+            server.append("INBOX", [mails[1][1]])
+            wait_for(lambda: len(stored_ids(database(parts))) == 2, 10, "two")
+        finally:
+            poller.stop()
+            thread.join(10)
+
+        assert not poller.idling
+        assert all_seen(server, "INBOX")
+
+
+@pytest.mark.corpus
+def test_corpus_through_imap_ends_as_it_does_over_smtp(
+    tmp_path: Path, dovecot: Dovecot
+) -> None:
+    # A server cannot hold an empty message, so those files stay out.
+    files = [crlf(path.read_bytes()) for path in corpus_files()]
+    files = [raw for raw in files if raw.strip()]
+    over_smtp = store_in(tmp_path / "smtp")
+    over_imap = store_in(tmp_path / "imap")
+    for raw in files:
+        receive(
+            over_smtp.intake,
+            raw,
+            source="smtp",
+            envelope_sender="corpus@customer.example",
+            envelope_recipients=["support@example.com"],
+        )
+    dovecot.append("Corpus", files)
+
+    poller_for(over_imap, mailbox_for(dovecot, folder="Corpus")).poll_once()
+
+    smtp, imap = stats_of(over_smtp), stats_of(over_imap)
+    # Only SMTP has an envelope sender to fall back on when From is missing.
+    no_sender = [
+        reason
+        for reason in held_reasons(over_imap)
+        if reason.startswith("no sender address")
+    ]
+    assert imap["quarantined"] == smtp["quarantined"] + len(no_sender)
+    assert imap["received"] == smtp["received"] - len(no_sender)
+    assert imap["machine"] == smtp["machine"]
+    assert imap["duplicates"] == smtp["duplicates"]
+    assert all_seen(dovecot, "Corpus")
+
+
+def store_in(directory: Path) -> Parts:
+    directory.mkdir()
+    config = write_config(directory, smtp={"domains": ["example.com"]})
+    return prepare(load_settings(config, environ={}), FrozenClock(START))
+
+
+def stats_of(parts: Parts) -> dict[str, int]:
+    with parts.intake.session_factory() as session:
+        return queries.stats(session)
+
+
+def held_reasons(parts: Parts) -> list[str]:
+    with parts.intake.session_factory() as session:
+        return list(session.scalars(select(Quarantine.reason)))
 
 
 # -- several daemons on one PostgreSQL ---------------------------------------------
@@ -645,37 +724,49 @@ def test_a_mailbox_is_polled_by_one_daemon_at_a_time_on_postgresql(
 # -- the daemon ---------------------------------------------------------------------
 
 
-def daemon_with_mailbox(
-    tmp_path: Path, server: Dovecot, **changes: Any
-) -> DaemonProcess:
-    port = free_port()
-    mailbox = {
-        "name": "support",
-        "host": server.host,
-        "port": server.port,
-        "tls": "none",
-        "username": server.user,
-        "password": server.password,
-        "poll_seconds": 1.0,
-        "timeout_seconds": 10.0,
-        **changes,
-    }
-    config = write_imap_config(
-        tmp_path,
-        mailbox,
-        smtp={"listen": f"127.0.0.1:{port}", "domains": ["example.com"]},
-        outbound={"poll_seconds": 0.2},
-    )
-    return DaemonProcess(config, port, tmp_path / "daemon.log")
+Daemons = Callable[..., DaemonProcess]
+
+
+@pytest.fixture
+def daemons(tmp_path: Path, dovecot: Dovecot) -> Iterator[Daemons]:
+    """Builds daemons (not started) reading ``dovecot``; stops them after."""
+    made: list[DaemonProcess] = []
+
+    def build(**changes: Any) -> DaemonProcess:
+        port = free_port()
+        mailbox = {
+            "name": "support",
+            "host": dovecot.host,
+            "port": dovecot.port,
+            "tls": "none",
+            "username": dovecot.user,
+            "password": dovecot.password,
+            "poll_seconds": 1.0,
+            "timeout_seconds": 10.0,
+            **changes,
+        }
+        config = write_imap_config(
+            tmp_path,
+            mailbox,
+            smtp={"listen": f"127.0.0.1:{port}", "domains": ["example.com"]},
+            outbound={"poll_seconds": 0.2},
+        )
+        made.append(DaemonProcess(config, port, tmp_path / "daemon.log"))
+        return made[-1]
+
+    yield build
+    for daemon in made:
+        if daemon.process is not None and daemon.process.poll() is None:
+            daemon.stop(signal.SIGKILL)
 
 
 @pytest.mark.slow
 def test_daemon_killed_mid_batch_stores_every_message_once_after_restart(
-    tmp_path: Path, dovecot: Dovecot
+    dovecot: Dovecot, daemons: Daemons
 ) -> None:
     mails = customer_mails(500)
     dovecot.append("INBOX", [raw for _, raw in mails])
-    daemon = daemon_with_mailbox(tmp_path, dovecot)
+    daemon = daemons()
     db = database(daemon.config)
 
     daemon.start()
@@ -695,10 +786,10 @@ def test_daemon_killed_mid_batch_stores_every_message_once_after_restart(
 
 @pytest.mark.slow
 def test_daemon_imports_mail_that_arrives_after_dovecot_restarts(
-    tmp_path: Path, dovecot: Dovecot
+    dovecot: Dovecot, daemons: Daemons
 ) -> None:
     before, after = customer_mails(1, "before"), customer_mails(1, "after")
-    daemon = daemon_with_mailbox(tmp_path, dovecot)
+    daemon = daemons()
     db = database(daemon.config)
     daemon.start()
     dovecot.append("INBOX", [before[0][1]])
@@ -719,11 +810,11 @@ def test_daemon_imports_mail_that_arrives_after_dovecot_restarts(
 
 @pytest.mark.slow
 def test_daemon_imports_a_message_appended_while_idling(
-    tmp_path: Path, dovecot: Dovecot
+    dovecot: Dovecot, daemons: Daemons
 ) -> None:
     first, second = customer_mails(1, "first"), customer_mails(1, "second")
     # Polling alone would take a minute; only IDLE brings it in sooner.
-    daemon = daemon_with_mailbox(tmp_path, dovecot, poll_seconds=60.0)
+    daemon = daemons(poll_seconds=60.0)
     db = database(daemon.config)
     dovecot.append("INBOX", [first[0][1]])
     daemon.start()
@@ -740,10 +831,10 @@ def test_daemon_imports_a_message_appended_while_idling(
 
 
 def test_mailboxes_check_prints_the_figures_and_exits_zero(
-    tmp_path: Path, dovecot: Dovecot
+    dovecot: Dovecot, daemons: Daemons
 ) -> None:
     dovecot.append("INBOX", [raw for _, raw in customer_mails(4)])
-    daemon = daemon_with_mailbox(tmp_path, dovecot)
+    daemon = daemons()
 
     result = run_cli(daemon.config, "mailboxes", "check")
 
@@ -754,10 +845,26 @@ def test_mailboxes_check_prints_the_figures_and_exits_zero(
     assert "UIDVALIDITY: " in result.stdout
 
 
-def test_mailboxes_check_with_a_wrong_password_exits_non_zero_with_the_fix(
-    tmp_path: Path, dovecot: Dovecot
+def test_mailboxes_check_after_an_import_shows_the_cursor(
+    dovecot: Dovecot, daemons: Daemons
 ) -> None:
-    daemon = daemon_with_mailbox(tmp_path, dovecot, password="wrong")
+    dovecot.append("INBOX", [raw for _, raw in customer_mails(4)])
+    daemon = daemons()
+    parts = prepare(load_settings(daemon.config, environ={}))
+    poller_for(parts, parts.settings.imap.mailboxes[0]).poll_once()
+    parts.engine.dispose()
+    dovecot.append("INBOX", [raw for _, raw in customer_mails(1, "new")])
+
+    result = run_cli(daemon.config, "mailboxes", "check")
+
+    assert "waiting (above the cursor): 1" in result.stdout
+    assert "last imported UID: 4" in result.stdout
+
+
+def test_mailboxes_check_with_a_wrong_password_exits_non_zero_with_the_fix(
+    daemons: Daemons,
+) -> None:
+    daemon = daemons(password=WRONG_PASSWORD)
 
     result = run_cli(daemon.config, "mailboxes", "check", check=False)
 
