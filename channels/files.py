@@ -12,7 +12,9 @@ from __future__ import annotations
 import mailbox
 import os
 import re
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.parser import BytesHeaderParser
@@ -21,7 +23,9 @@ from email.utils import parsedate_to_datetime
 from functools import partial
 from pathlib import Path
 
+from channels.email import RawEmail, arrival
 from channels.mime import extract_message_ids
+from intake.accept import Arrival
 
 HEADER_READ = 64 * 1024
 _MBOX_SEPARATOR = re.compile(rb"From [^\s:]+ ")
@@ -171,3 +175,42 @@ def parents_first(items: list[Item]) -> list[Item]:
                     stack.append((parent, False))
 
     return ordered
+
+
+def parsed(
+    items: list[Item], *, acknowledge: bool, batch: int, workers: int
+) -> Iterator[list[tuple[Item, Arrival]]]:
+    """The items parsed, in order, ``batch`` at a time.
+
+    Parsing is pure and CPU-bound, so a pool of processes does it while the
+    caller stores the previous batch; a bounded number of batches is in
+    flight, so a large mbox is never held in memory whole.
+    """
+    chunks = [items[start : start + batch] for start in range(0, len(items), batch)]
+    if workers <= 1 or len(chunks) <= 1:
+        for chunk in chunks:
+            yield list(
+                zip(chunk, _parse_chunk(_emails(chunk, acknowledge)), strict=True)
+            )
+        return
+
+    with ProcessPoolExecutor(workers) as pool:
+        pending: deque[tuple[list[Item], Future[list[Arrival]]]] = deque()
+        for chunk in chunks:
+            pending.append(
+                (chunk, pool.submit(_parse_chunk, _emails(chunk, acknowledge)))
+            )
+            if len(pending) > 2 * workers:
+                done, future = pending.popleft()
+                yield list(zip(done, future.result(), strict=True))
+        while pending:
+            done, future = pending.popleft()
+            yield list(zip(done, future.result(), strict=True))
+
+
+def _emails(chunk: list[Item], acknowledge: bool) -> list[RawEmail]:
+    return [RawEmail(item.load(), "import", acknowledge=acknowledge) for item in chunk]
+
+
+def _parse_chunk(emails: list[RawEmail]) -> list[Arrival]:
+    return [arrival(email) for email in emails]
