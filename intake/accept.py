@@ -23,7 +23,7 @@ from typing import Any, Literal, Protocol, TypeVar
 from sqlalchemy import Connection, bindparam, insert, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
-from intake import tickets
+from intake import surveys, tickets
 from intake.classify import classify, wants_no_reply
 from intake.clock import Clock
 from intake.config import Settings
@@ -501,6 +501,10 @@ class Intake:
 
         if ticket.status != "resolved":
             tickets.touch(connection, ticket, now)
+            return ticket, "appended"
+
+        # A survey answer is recorded on the resolved ticket; it never reopens.
+        if surveys.take_answer(connection, ticket.id, inbound.text, now):
             return ticket, "appended"
 
         assert ticket.resolved_at is not None

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import sys
 from collections import Counter
 from collections.abc import Callable
+from datetime import datetime, time, timedelta
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -21,17 +23,25 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
 from channels.email import receive
-from channels.files import collect
+from channels.files import collect, parsed
 from channels.imap import Cursors, MailboxError, check_mailbox
+from intake import ops
 from intake import tickets as ticket_changes
 from intake.config import Settings, load_settings
 from intake.daemon import Daemon, Parts, prepare
 from intake.errors import ConfigError, IntakeError
-from store import queries
-from store.models import Quarantine, Ticket
+from intake.logs import LogFormat, SecretMask, settings_secrets, setup_logging
+from notifier import resolution
+from notifier.digest import render as render_digest
+from notifier.digest import render_report
+from notifier.scheduler import Jobs, deliver_now
+from store import metrics, queries
+from store.models import Quarantine
 
 log = logging.getLogger("intake")
 T = TypeVar("T")
+# Messages per transaction on import: one disk flush pays for them all.
+IMPORT_BATCH = 50
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
 
@@ -41,37 +51,33 @@ def fail(message: str, code: int = 2) -> NoReturn:
     sys.exit(code)
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    # aiosmtpd logs every SMTP command at info; our own line per message
-    # says what matters.
-    quiet = max(logging.WARNING, logging.root.level)
-    logging.getLogger("mail.log").setLevel(quiet)
-    logging.getLogger("alembic").setLevel(quiet)
-
-
 class Context:
     """Settings loaded once; the store opened only by commands that need it."""
 
-    def __init__(self, config: Path | None) -> None:
+    def __init__(self, config: Path | None, mask: SecretMask | None = None) -> None:
         self.config = config
+        self.mask = mask or SecretMask()
+        self._settings: Settings | None = None
         self._parts: Parts | None = None
 
     @property
     def settings(self) -> Settings:
         return self.parts.settings
 
+    def load(self) -> Settings:
+        """The settings alone, validated, their secrets masked in the log."""
+        if self._settings is None:
+            try:
+                self._settings = load_settings(self.config)
+            except ConfigError as exc:
+                fail(f"{exc}\n(fix it in the settings file or the INTAKE_ variable)")
+            self.mask.hide(settings_secrets(self._settings))
+        return self._settings
+
     @property
     def parts(self) -> Parts:
         if self._parts is None:
-            try:
-                self._parts = prepare(load_settings(self.config))
-            except ConfigError as exc:
-                fail(f"{exc}\n(fix it in the settings file or the INTAKE_ variable)")
+            self._parts = prepare(self.load())
         return self._parts
 
     def read(self, work: Callable[[Session], T]) -> T:
@@ -102,11 +108,20 @@ def emit(data: Any, as_json: bool, table: Callable[[Any], Table]) -> None:
     show_default=True,
     type=click.Choice(["debug", "info", "warning", "error"]),
 )
+@click.option(
+    "--log-format",
+    default="text",
+    show_default=True,
+    type=click.Choice(["text", "json"]),
+    help="json: one object per line, for log shippers.",
+)
 @click.pass_context
-def cli(ctx: click.Context, config: Path | None, log_level: str) -> None:
+def cli(
+    ctx: click.Context, config: Path | None, log_level: str, log_format: LogFormat
+) -> None:
     """Intake: every customer email becomes a ticket, never lost or doubled."""
-    setup_logging(log_level)
-    ctx.obj = Context(config)
+    mask = setup_logging(log_level, log_format)
+    ctx.obj = Context(config, mask)
 
 
 @cli.command()
@@ -158,14 +173,16 @@ def import_(ctx: Context, paths: tuple[Path, ...], acknowledge: bool) -> None:
         console=err,
     ) as progress:
         task = progress.add_task("importing", total=len(items))
-        for item in items:
-            outcome = receive(
-                intake, item.load(), source="import", acknowledge=acknowledge
-            )
-            outcomes[outcome.status] += 1
-            if outcome.status == "quarantined":
-                reasons.append((item.label, outcome.detail))
-            progress.advance(task)
+        workers = min(2, os.cpu_count() or 1)
+        for batch in parsed(
+            items, acknowledge=acknowledge, batch=IMPORT_BATCH, workers=workers
+        ):
+            stored = intake.accept_batch([arrival for _, arrival in batch])
+            for (item, _), outcome in zip(batch, stored, strict=True):
+                outcomes[outcome.status] += 1
+                if outcome.status == "quarantined":
+                    reasons.append((item.label, outcome.detail))
+            progress.advance(task, len(batch))
 
     table = Table("outcome", "messages", title=f"imported {len(items)} messages")
     for status in (
@@ -252,10 +269,16 @@ def tickets_resolve(ctx: Context, number: int) -> None:
     parts = ctx.parts
 
     def work(session: Session) -> bool:
-        ticket = session.scalar(select(Ticket).where(Ticket.number == number))
+        connection = session.connection()
+        ticket = ticket_changes.by_number(connection, number)
         if ticket is None:
             return False
-        ticket_changes.resolve(session, ticket, parts.clock.now(), actor="cli")
+        if ticket.status == "resolved":
+            fail(f"ticket {number} is already resolved", code=1)
+        ticket_changes.resolve(connection, ticket, parts.clock.now(), actor="cli")
+        resolution.notify_resolved(
+            connection, parts.settings, parts.clock, ticket.id, parts.clock.now()
+        )
         return True
 
     if not ctx.read(work):
@@ -469,6 +492,123 @@ def mailboxes_check(ctx: Context, names: tuple[str, ...]) -> None:
         out.print("\n".join(lines), markup=False)
     if failures:
         fail("\n".join(failures), code=1)
+
+
+@cli.command()
+@pass_context
+def check(ctx: Context) -> None:
+    """Validate the settings, resolve every host, try every connection."""
+    settings = ctx.load()
+    out.print("ok   settings: valid", markup=False)
+    failed = 0
+    for found in ops.run_checks(settings):
+        out.print(found.line(), markup=False, soft_wrap=True)
+        failed += not found.ok
+    if failed:
+        fail(f"{failed} check(s) failed", code=1)
+
+
+@cli.command()
+@click.argument("target", type=click.Path(path_type=Path, dir_okay=False))
+@pass_context
+def backup(ctx: Context, target: Path) -> None:
+    """Copy the SQLite database to TARGET while the daemon runs."""
+    counts = ops.backup(ctx.load().database_url, target)
+    out.print(f"backed up to {target}:", markup=False)
+    for table, rows in counts.items():
+        out.print(f"  {table}: {rows}", markup=False)
+
+
+@cli.command("migrate-to")
+@click.argument("url")
+@pass_context
+def migrate_to(ctx: Context, url: str) -> None:
+    """Copy every row into the database at URL (migrated first), verified
+    by counts. Stop the daemon first."""
+    settings = ctx.load()
+    ctx.mask.hide(settings_secrets(settings.model_copy(update={})) + _url_secret(url))
+    copied = ops.migrate_to(settings.database_url, url)
+    table = Table("table", "source rows", "copied rows", title="copied, counts match")
+    for row in copied:
+        table.add_row(row.table, str(row.source), str(row.target))
+    out.print(table)
+    out.print(
+        f"Now set [store] url = {_mask_url(url)!r} (or INTAKE_STORE__URL) "
+        "and start the daemon.",
+        markup=False,
+        soft_wrap=True,
+    )
+
+
+def _url_secret(url: str) -> list[str]:
+    password = make_url(url).password
+    return [str(password)] if password else []
+
+
+@cli.command()
+@click.option("--preview", is_flag=True, help="Render the digest; send nothing.")
+@click.option(
+    "--html",
+    "html_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="With --preview: also write the HTML part to FILE.",
+)
+@click.option("--send", is_flag=True, help="Send a digest now, outside the schedule.")
+@pass_context
+def digest(ctx: Context, preview: bool, html_file: Path | None, send: bool) -> None:
+    """The owner's digest: preview it, or send one now."""
+    if preview == send:
+        fail("give --preview or --send")
+    parts = ctx.parts
+    jobs = Jobs(parts.intake.session_factory, parts.clock, parts.settings)
+    if preview:
+        text, html = render_digest(jobs.preview())
+        click.echo(text, nl=False)
+        if html_file is not None:
+            html_file.write_text(html, encoding="utf-8")
+            err.print(f"HTML part written to {html_file}", markup=False)
+        return
+
+    outbox_id = jobs.digest_now()
+    if outbox_id is None:
+        fail("no recipients: set [digest] to or owner_email", code=1)
+    status = asyncio.run(
+        deliver_now(
+            parts.intake.session_factory, parts.clock, parts.settings, outbox_id
+        )
+    )
+    out.print(f"digest {status} (outbox {outbox_id})")
+
+
+@cli.command()
+@click.option("--since", type=click.DateTime(["%Y-%m-%d"]), help="First local day.")
+@click.option(
+    "--until", type=click.DateTime(["%Y-%m-%d"]), help="Last local day, included."
+)
+@click.option("--json", "as_json", is_flag=True)
+@pass_context
+def report(
+    ctx: Context, since: datetime | None, until: datetime | None, as_json: bool
+) -> None:
+    """First response, resolution, touches, volume, reopens, NPS and CSAT.
+
+    Without dates: the 30 days up to today, in [digest] timezone.
+    """
+    zone = ctx.settings.digest.zone
+    last = until.date() if until else ctx.parts.clock.now().astimezone(zone).date()
+    first = since.date() if since else last - timedelta(days=29)
+    if first > last:
+        fail("--since is after --until")
+    start = datetime.combine(first, time(0), zone)
+    end = datetime.combine(last + timedelta(days=1), time(0), zone)
+    data = ctx.read(
+        lambda session: metrics.report(session.connection(), start, end, zone)
+    )
+
+    if as_json:
+        click.echo(json.dumps({**data, "timezone": zone.key}, indent=2))
+    else:
+        click.echo(render_report(data, first=first, last=last, zone=zone.key), nl=False)
 
 
 def _mask_url(url: str) -> str:

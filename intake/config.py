@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import tomllib
 from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import time, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -24,6 +29,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from sqlalchemy.engine import make_url
 
 from intake.errors import ConfigError
 
@@ -53,13 +59,35 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def _in_credentials(path: Path, info: ValidationInfo) -> Path:
+    """A relative secret file is a name in ``$CREDENTIALS_DIRECTORY`` when
+    systemd passed credentials (``LoadCredential=``)."""
+    directory = (info.context or {}).get("credentials_directory")
+    if directory and not path.is_absolute():
+        return Path(directory) / path
+    return path
+
+
+def _read_secret(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+
+
+# A file holding one secret; see _in_credentials for relative names.
+SecretFile = Annotated[Path, AfterValidator(_in_credentials)]
+
+
 class StoreSettings(Section):
     url: str = ""  # empty: SQLite in the state directory
+    password_file: SecretFile | None = None  # the database password, kept apart
     busy_timeout_ms: Annotated[int, Field(ge=0)] = 5000
 
 
 class SmtpSettings(Section):
     enabled: bool = True
+    mode: Literal["smtp", "lmtp"] = "smtp"  # lmtp: behind Postfix (RFC 2033)
     listen: str = "127.0.0.1:2525"
     domains: list[str] = Field(default_factory=lambda: ["localhost"])
     max_message_bytes: Annotated[int, Field(gt=0)] = 25 * 1024 * 1024
@@ -86,7 +114,17 @@ class RelaySettings(Section):
     tls: Literal["starttls", "implicit", "none"] = "starttls"
     username: str = ""
     password: SecretStr = SecretStr("")
+    password_file: SecretFile | None = None
     timeout_seconds: Annotated[float, Field(gt=0)] = 30.0
+
+    @model_validator(mode="after")
+    def _password_from_file(self) -> RelaySettings:
+        if self.password_file is None:
+            return self
+        if self.password.get_secret_value():
+            raise ValueError("give password or password_file, not both")
+        secret = SecretStr(_read_secret(self.password_file))
+        return self.model_copy(update={"password": secret})
 
     @model_validator(mode="after")
     def _plaintext_only_on_loopback(self) -> RelaySettings:
@@ -135,7 +173,7 @@ class ImapMailbox(Section):
     tls: Literal["implicit", "starttls", "none"] = "implicit"
     username: str
     password: SecretStr | None = None
-    password_file: Path | None = None
+    password_file: SecretFile | None = None
     # A command that prints an XOAUTH2 access token (Gmail, Microsoft 365).
     oauth2_token_command: Annotated[str | None, Field(validate_default=True)] = None
     folder: str = "INBOX"
@@ -202,6 +240,148 @@ class ImapSettings(Section):
         return value
 
 
+# -- the owner's digest, resolution mail, check-ins, resolution targets ----
+
+Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+WEEKDAYS: tuple[Weekday, ...] = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+_SPAN = re.compile(
+    r"(\d+)\s*(m|min|minutes?|h|hours?|d|days?|business days?)", re.IGNORECASE
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    """A stretch of time: clock time, or business days on the working days."""
+
+    clock: timedelta = timedelta(0)
+    business_days: int = 0
+
+
+def parse_span(value: str, *, business: bool = False) -> Span:
+    """``"24h"``, ``"90m"``, ``"2 days"``; with ``business``, ``"5 business days"``."""
+    match = _SPAN.fullmatch(value.strip())
+    if match is None or int(match[1]) == 0:
+        shape = '"8h", "30m", "2 days"' + (' or "5 business days"' if business else "")
+        raise ValueError(f"must be a positive duration like {shape}")
+    amount, unit = int(match[1]), match[2].lower()
+    if unit.startswith("business"):
+        if not business:
+            raise ValueError("business days are allowed only in [targets]")
+        return Span(business_days=amount)
+    if unit.startswith("m"):
+        return Span(clock=timedelta(minutes=amount))
+    if unit.startswith("h"):
+        return Span(clock=timedelta(hours=amount))
+
+    return Span(clock=timedelta(days=amount))
+
+
+def _addresses(value: list[str]) -> list[str]:
+    if any("@" not in address for address in value):
+        raise ValueError("must be email addresses like owner@example.com")
+    return [address.strip().lower() for address in value]
+
+
+class DigestSettings(Section):
+    timezone: str = "UTC"  # the business's IANA zone, for every local time
+    at: str = "08:00"
+    every: Literal["day", "weekday", "2 days", "week"] = "day"
+    day: Weekday = "mon"  # the day of a weekly digest
+    to: list[str] = Field(default_factory=list)  # empty: owner_email
+
+    @field_validator("timezone")
+    @classmethod
+    def _iana_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(
+                "must be an IANA time zone name such as Europe/Berlin"
+            ) from None
+        return value
+
+    @field_validator("at")
+    @classmethod
+    def _local_time(cls, value: str) -> str:
+        if not re.fullmatch(r"([01]\d|2[0-3]):[0-5]\d", value):
+            raise ValueError('must be a local time "HH:MM" such as "08:00"')
+        return value
+
+    @field_validator("to")
+    @classmethod
+    def _recipients(cls, value: list[str]) -> list[str]:
+        return _addresses(value)
+
+    @property
+    def zone(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+    @property
+    def local_time(self) -> time:
+        return time.fromisoformat(self.at)
+
+
+class ResolutionSettings(Section):
+    copy_owner: Literal["cc", "bcc", "none"] = "bcc"
+    survey: Literal["none", "csat", "nps"] = "none"
+
+
+class CheckinSettings(Section):
+    enabled: bool = True
+    after: str = "24h"
+
+    @field_validator("after")
+    @classmethod
+    def _duration(cls, value: str) -> str:
+        parse_span(value)
+        return value
+
+    @property
+    def delay(self) -> timedelta:
+        return parse_span(self.after).clock
+
+
+class TargetSettings(Section):
+    """How long each priority may take to resolve, unless a due date is set."""
+
+    low: str = "5 business days"
+    normal: str = "2 business days"
+    high: str = "8h"
+    urgent: str = "4h"
+    working_days: list[Weekday] = Field(default_factory=lambda: list(WEEKDAYS[:5]))
+
+    @field_validator("low", "normal", "high", "urgent")
+    @classmethod
+    def _duration(cls, value: str) -> str:
+        parse_span(value, business=True)
+        return value
+
+    @field_validator("working_days")
+    @classmethod
+    def _some_days(cls, value: list[Weekday]) -> list[Weekday]:
+        if not value:
+            raise ValueError("must name at least one day")
+        return value
+
+    def span(self, priority: str) -> Span:
+        """The target for ``priority``; an unknown priority gets normal's."""
+        known = {"low": self.low, "high": self.high, "urgent": self.urgent}
+        return parse_span(known.get(priority, self.normal), business=True)
+
+
+class HttpSettings(Section):
+    """The HTTP listener: the health endpoint, later webhooks."""
+
+    enabled: bool = True
+    listen: str = "127.0.0.1:8025"
+
+    @field_validator("listen")
+    @classmethod
+    def _listen_is_host_port(cls, value: str) -> str:
+        split_host_port(value)
+        return value
+
+
 class Settings(Section):
     state_dir: Path = Path("./var")
     store: StoreSettings = Field(default_factory=StoreSettings)
@@ -209,9 +389,24 @@ class Settings(Section):
     outbound: OutboundSettings = Field(default_factory=OutboundSettings)
     tickets: TicketSettings = Field(default_factory=TicketSettings)
     imap: ImapSettings = Field(default_factory=ImapSettings)
+    owner_email: str = ""  # gets the digest, resolution copies, check-ins
+    digest: DigestSettings = Field(default_factory=DigestSettings)
+    resolution: ResolutionSettings = Field(default_factory=ResolutionSettings)
+    checkin: CheckinSettings = Field(default_factory=CheckinSettings)
+    targets: TargetSettings = Field(default_factory=TargetSettings)
+    http: HttpSettings = Field(default_factory=HttpSettings)
+
+    @field_validator("owner_email")
+    @classmethod
+    def _owner_address(cls, value: str) -> str:
+        return _addresses([value])[0] if value else value
 
     @property
     def database_url(self) -> str:
+        if self.store.url and self.store.password_file is not None:
+            password = _read_secret(self.store.password_file)
+            url = make_url(self.store.url).set(password=password)
+            return url.render_as_string(hide_password=False)
         if self.store.url:
             return self.store.url
         return f"sqlite:///{self.state_dir.resolve() / 'intake.db'}"
@@ -244,7 +439,10 @@ def load_settings(
     _apply_environment(data, environ)
 
     try:
-        return Settings.model_validate(data)
+        return Settings.model_validate(
+            data,
+            context={"credentials_directory": environ.get("CREDENTIALS_DIRECTORY")},
+        )
     except ValidationError as exc:
         raise _first_problem(exc) from None
 

@@ -304,3 +304,39 @@ class MailboxTally(Base):
     imported: Mapped[int] = mapped_column(Integer, default=0)
     waiting: Mapped[int] = mapped_column(Integer, default=0)
     checked_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class ScheduleRun(Base):
+    """A scheduled send, done once: a digest period, a ticket's check-in or
+    overdue reminder.
+
+    The unique key makes "was it sent?" a question for the database, so a
+    restart, a clock change or a second daemon never sends it twice.
+    """
+
+    __tablename__ = "schedule_runs"
+    __table_args__ = (UniqueConstraint("kind", "key"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(String(20))  # digest|digest-now|checkin|overdue
+    key: Mapped[str] = mapped_column(String(100))  # a digest's local date, ...
+    ticket_id: Mapped[int | None] = mapped_column(ForeignKey("tickets.id"), index=True)
+    due_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    ran_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    late: Mapped[bool] = mapped_column(default=False)
+    message_pk: Mapped[int | None] = mapped_column(ForeignKey("messages.id"))
+
+
+class Survey(Base):
+    """The one question asked when a ticket is first resolved, and its answer."""
+
+    __tablename__ = "surveys"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    ticket_id: Mapped[int] = mapped_column(ForeignKey("tickets.id"), unique=True)
+    scale: Mapped[str] = mapped_column(String(10))  # csat (1-5) | nps (0-10)
+    asked_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    message_pk: Mapped[int | None] = mapped_column(ForeignKey("messages.id"))
+    score: Mapped[int | None] = mapped_column(Integer)
+    comment: Mapped[str] = mapped_column(Text, default="")
+    answered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

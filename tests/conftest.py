@@ -1,5 +1,11 @@
 """Shared fixtures: a store in a temporary directory, a frozen clock, mail
-builders, and a real daemon started as a child process on a free port."""
+builders, and a real daemon started as a child process on a free port.
+
+With ``INTAKE_TEST_STORE_URL`` set to a PostgreSQL server URL (any database
+on it; ``postgres`` will do), every test gets a fresh database of its own on
+that server instead of a SQLite file, created before and dropped after it;
+tests about SQLite itself are marked ``sqlite_only`` and skipped.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +16,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid
@@ -18,6 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 
 from intake.clock import FrozenClock
 from intake.config import Settings, load_settings
@@ -26,6 +36,111 @@ from intake.daemon import Parts, prepare
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO.parent / "shared" / "corpus"
 START = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
+STORE_URL_ENV = "INTAKE_TEST_STORE_URL"
+POSTGRES_DEFAULT = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+
+# The database of the running test when the suite runs on PostgreSQL; set
+# by the autouse fixture below, read by write_config.
+_store_url: str | None = None
+
+
+def postgres_server() -> str | None:
+    """The PostgreSQL server the suite may use: the matrix's, or the local
+    one. None when there is none; under CI a missing server fails."""
+    url = os.environ.get(STORE_URL_ENV) or POSTGRES_DEFAULT
+    engine = create_engine(url, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect():
+            return url
+    except OperationalError as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"PostgreSQL at {url} is not reachable under CI: {exc}")
+        return None
+    finally:
+        engine.dispose()
+
+
+class FreshDatabase:
+    """A new, empty database on a PostgreSQL server, dropped afterwards even
+    when daemons still hold connections to it."""
+
+    def __init__(self, server_url: str) -> None:
+        self.admin = create_engine(server_url, isolation_level="AUTOCOMMIT")
+        self.name = f"intake_test_{uuid.uuid4().hex[:12]}"
+        self.url = (
+            make_url(server_url)
+            .set(database=self.name)
+            .render_as_string(hide_password=False)
+        )
+
+    def __enter__(self) -> str:
+        with self.admin.connect() as connection:
+            connection.execute(text(f'CREATE DATABASE "{self.name}"'))
+        return self.url
+
+    def __exit__(self, *exc: object) -> None:
+        with self.admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE "{self.name}" WITH (FORCE)'))
+        self.admin.dispose()
+
+
+def on_postgres() -> bool:
+    return bool(os.environ.get(STORE_URL_ENV))
+
+
+@pytest.fixture(autouse=True)
+def store_backend(request: pytest.FixtureRequest) -> Iterator[str]:
+    """SQLite, or a fresh PostgreSQL database for this test (see above)."""
+    global _store_url  # noqa: PLW0603 (one test at a time reads it)
+    if not on_postgres():
+        yield "sqlite"
+        return
+    if request.node.get_closest_marker("sqlite_only"):
+        pytest.skip("about SQLite itself; the SQLite run covers it")
+    server = postgres_server()
+    if server is None:
+        pytest.fail(f"{STORE_URL_ENV} is set but PostgreSQL does not answer")
+    with FreshDatabase(server) as url:
+        _store_url = url
+        try:
+            yield "postgresql"
+        finally:
+            _store_url = None
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database whatever the suite's backend, for tests
+    that are about PostgreSQL (several daemons, migrate-to)."""
+    server = postgres_server()
+    if server is None:
+        pytest.skip("no PostgreSQL on 127.0.0.1:5432")
+    with FreshDatabase(server) as url:
+        yield url
+
+
+def database_url(config: Path) -> str:
+    """The database a settings file points at, on either backend."""
+    return load_settings(config, environ={}).database_url
+
+
+def query(config: Path, sql: str, **params: Any) -> list[tuple[Any, ...]]:
+    """Rows from the test's database through SQLAlchemy, on either backend."""
+    return read_rows(database_url(config), sql, **params)
+
+
+def read_rows(url: str, sql: str, **params: Any) -> list[tuple[Any, ...]]:
+    """Rows from ``url``; a SQLite file is opened read-only, so the reader
+    neither creates it nor takes a write lock."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        url = f"sqlite:///file:{parsed.database}?mode=ro&uri=true"
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            return [tuple(row) for row in connection.execute(text(sql), params)]
+    finally:
+        engine.dispose()
 
 
 def corpus_files() -> list[Path]:
@@ -49,7 +164,13 @@ def free_port() -> int:
 
 
 def write_config(directory: Path, **sections: dict[str, Any]) -> Path:
-    """A settings file with a state directory under ``directory``."""
+    """A settings file with a state directory under ``directory``, the
+    HTTP listener on a free port, and the test's PostgreSQL database when
+    the suite runs on PostgreSQL."""
+    sections = {name: dict(values) for name, values in sections.items()}
+    sections.setdefault("http", {}).setdefault("listen", f"127.0.0.1:{free_port()}")
+    if _store_url is not None:
+        sections.setdefault("store", {}).setdefault("url", _store_url)
     lines = [f'state_dir = "{directory / "state"}"']
     for name, values in sections.items():
         lines.append(f"[{name}]")
@@ -119,19 +240,38 @@ def parts(settings: Settings, clock: FrozenClock) -> Iterator[Parts]:
 class DaemonProcess:
     """``intake run`` as a child process, the way an operator runs it."""
 
-    def __init__(self, config: Path, port: int, log: Path) -> None:
+    def __init__(
+        self,
+        config: Path,
+        port: int,
+        log: Path,
+        *,
+        env: Mapping[str, str] | None = None,
+        options: tuple[str, ...] = (),
+    ) -> None:
         self.config = config
         self.port = port
         self.log_path = log
+        self.env = dict(env or {})
+        self.options = options
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 20.0) -> None:
         self._log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "intake", "--config", str(self.config), "run"],
+            [
+                sys.executable,
+                "-m",
+                "intake",
+                "--config",
+                str(self.config),
+                *self.options,
+                "run",
+            ],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             cwd=REPO,
+            env={**os.environ, **self.env},
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

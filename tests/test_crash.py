@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import DaemonProcess, crlf, make_mail
+from tests.conftest import DaemonProcess, crlf, database_url, make_mail, query
 
 pytestmark = pytest.mark.slow
 
@@ -40,12 +40,12 @@ def sender_thread(
         return  # the daemon died under us; the retry below resends
 
 
-def stored_counts(db: Path) -> Counter[str]:
-    with sqlite3.connect(db) as connection:
-        rows = connection.execute(
-            "select message_id from messages where direction = 'in'"
-        ).fetchall()
-        assert connection.execute("pragma integrity_check").fetchone() == ("ok",)
+def stored_counts(config: Path) -> Counter[str]:
+    rows = query(config, "select message_id from messages where direction = 'in'")
+    if database_url(config).startswith("sqlite"):
+        db = config.parent / "state" / "intake.db"
+        with sqlite3.connect(db) as connection:
+            assert connection.execute("pragma integrity_check").fetchone() == ("ok",)
     return Counter(row[0] for row in rows)
 
 
@@ -87,7 +87,7 @@ def test_sigkill_mid_stream_loses_and_doubles_nothing(
     with lock:
         acknowledged = list(accepted)
 
-    counts = stored_counts(tmp_path / "state" / "intake.db")
+    counts = stored_counts(daemon.config)
     assert all(counts[message_id] == 1 for message_id in acknowledged)
     assert all(count == 1 for count in counts.values())
 
@@ -100,7 +100,7 @@ def test_sigkill_mid_stream_loses_and_doubles_nothing(
                 client.sendmail("c@customer.example", ["support@example.com"], raw)
     daemon.stop()
 
-    counts = stored_counts(tmp_path / "state" / "intake.db")
+    counts = stored_counts(daemon.config)
     assert len(counts) == CONNECTIONS * PER_CONNECTION
     assert set(counts.values()) == {1}
     assert len(acknowledged) < CONNECTIONS * PER_CONNECTION

@@ -16,6 +16,7 @@ from tests.conftest import (
     crlf,
     free_port,
     make_mail,
+    query,
     write_config,
 )
 
@@ -30,13 +31,11 @@ def send(
 
 
 def stored_message_ids(config_dir: Path) -> list[str]:
-    with sqlite3.connect(config_dir / "state" / "intake.db") as db:
-        return [
-            row[0]
-            for row in db.execute(
-                "select message_id from messages where direction = 'in'"
-            )
-        ]
+    found = query(
+        config_dir / "intake.toml",
+        "select message_id from messages where direction = 'in'",
+    )
+    return [row[0] for row in found]
 
 
 def wait_for(predicate, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
@@ -111,6 +110,7 @@ def test_smtputf8_mail_is_accepted(daemon: DaemonProcess, tmp_path: Path) -> Non
     assert listing[0]["email"] == "josé@cliente.example"
 
 
+@pytest.mark.sqlite_only  # holds SQLite's write lock to make the store fail
 def test_store_failure_answers_451_and_the_retry_is_accepted_once(
     tmp_path: Path,
 ) -> None:
