@@ -38,7 +38,7 @@ from sqlalchemy import Connection, Engine, select, text
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from channels.email import receive
+from channels.email import RawEmail, receive_many
 from intake.accept import Intake, Outcome
 from intake.clock import Clock
 from intake.config import ImapMailbox
@@ -57,6 +57,9 @@ T = TypeVar("T")
 
 FETCH_BODY = "BODY.PEEK[]"  # PEEK: fetching must not set \Seen (RFC 3501 6.4.5)
 BODY = b"BODY[]"
+# Messages per transaction: one disk flush for a group; a crash or a store
+# failure leaves at most one group to fetch again, unflagged.
+COMMIT_EVERY = 25
 SIZE = b"RFC822.SIZE"
 BATCH_COUNT = 50
 BATCH_BYTES = 16 * 1024 * 1024
@@ -650,8 +653,10 @@ class MailboxPoller:
         lock: MailboxLock,
         on_accepted: Callable[[Outcome], None] = _ignore,
         rng: random.Random | None = None,
+        commit_every: int = COMMIT_EVERY,
     ) -> None:
         self.mailbox = mailbox
+        self.commit_every = commit_every
         self.name = mailbox.name
         self.intake = intake
         self.cursors = cursors
@@ -804,24 +809,31 @@ class MailboxPoller:
         unflagged and above the cursor for the next pass.
         """
         fetched = client.fetch(batch, [FETCH_BODY])
+        present = []
+        for uid in batch:
+            raw = fetched.get(uid, {}).get(BODY)
+            if raw is not None:
+                present.append((uid, raw))
+                continue
+            log.warning(
+                "imap: mailbox=%s uid=%d message_id=- gone before it "
+                "was fetched (expunged elsewhere?); skipped",
+                self.name,
+                uid,
+            )
+
         committed: list[int] = []
         passed = position.last_uid
         try:
-            for uid in batch:
+            for start in range(0, len(present), self.commit_every):
                 if self.stopping.is_set():
                     break
-                raw = fetched.get(uid, {}).get(BODY)
-                if raw is not None:
-                    self._receive(uid, raw, position)
-                    committed.append(uid)
-                else:
-                    log.warning(
-                        "imap: mailbox=%s uid=%d message_id=- gone before it "
-                        "was fetched (expunged elsewhere?); skipped",
-                        self.name,
-                        uid,
-                    )
-                passed = uid
+                group = present[start : start + self.commit_every]
+                self._receive(group, position)
+                committed += [uid for uid, _ in group]
+                passed = group[-1][0]
+            else:
+                passed = batch[-1]  # every UID of the batch is stored or gone
         finally:
             position = self._settle(client, position, committed, passed)
 
@@ -850,34 +862,36 @@ class MailboxPoller:
 
         return position
 
-    def _receive(self, uid: int, raw: bytes, position: Position) -> None:
-        key = f"{position.uidvalidity}:{uid}"
-        quiet = uid <= position.backlog_uid
-        outcome = self.run_in_store(
-            lambda: receive(
-                self.intake,
+    def _receive(self, group: list[tuple[int, bytes]], position: Position) -> None:
+        """Store ``group`` in one transaction: one disk flush for them all."""
+        emails = [
+            RawEmail(
                 raw,
-                source=self.source,
-                source_key=key,
-                acknowledge=not quiet,
+                self.source,
+                f"{position.uidvalidity}:{uid}",
+                acknowledge=uid > position.backlog_uid,
             )
-        )
+            for uid, raw in group
+        ]
+        outcomes = self.run_in_store(lambda: receive_many(self.intake, emails))
 
-        # accept() logs the summary line (and a warning for the quarantine);
-        # this one adds the UID and Message-ID that a person searches for.
-        held = outcome.status == "quarantined"
-        if held or log.isEnabledFor(logging.DEBUG):
-            log.log(
-                logging.INFO if held else logging.DEBUG,
-                "imap: mailbox=%s uid=%d message_id=%s outcome=%s%s",
-                self.name,
-                uid,
-                header_message_id(raw) or "-",
-                outcome.status,
-                f" reason={outcome.detail}" if outcome.detail else "",
-            )
-        if outcome.queued_sends:
-            self.on_accepted(outcome)
+        for (uid, raw), outcome in zip(group, outcomes, strict=True):
+            # accept() logs the summary line (and a warning for the
+            # quarantine); this one adds the UID and Message-ID that a
+            # person searches for.
+            held = outcome.status == "quarantined"
+            if held or log.isEnabledFor(logging.DEBUG):
+                log.log(
+                    logging.INFO if held else logging.DEBUG,
+                    "imap: mailbox=%s uid=%d message_id=%s outcome=%s%s",
+                    self.name,
+                    uid,
+                    header_message_id(raw) or "-",
+                    outcome.status,
+                    f" reason={outcome.detail}" if outcome.detail else "",
+                )
+            if outcome.queued_sends:
+                self.on_accepted(outcome)
 
     def _file(self, client: IMAPClient, uids: list[int]) -> None:
         """Acknowledge committed messages at the source: \\Seen, or moved."""

@@ -290,7 +290,9 @@ def test_repeated_mailbox_names_are_refused_without_showing_passwords(
     tmp_path: Path,
 ) -> None:
     path = write_imap_config(tmp_path, {**REMOTE, "password": "hunter2"})
-    path.write_text(path.read_text() + path.read_text().split("\n", 1)[1])
+    text = path.read_text()
+    mailbox_table = text[text.index("[[imap.mailboxes]]") :]
+    path.write_text(text + mailbox_table)
 
     with pytest.raises(ConfigError) as refused:
         load_settings(path, environ={})
@@ -439,7 +441,8 @@ def test_store_failure_stops_the_batch_and_leaves_the_rest_unflagged(
             blocker.execute("BEGIN EXCLUSIVE")
 
     mailbox = mailbox_for(dovecot, import_existing=False)
-    poller = poller_for(parts, mailbox, on_accepted=block_after_two)
+    # One message per transaction, so the store can fail between two.
+    poller = poller_for(parts, mailbox, on_accepted=block_after_two, commit_every=1)
     poller.poll_once()  # an empty folder: the cursor starts here
     mails = customer_mails(5)
     dovecot.append("INBOX", [raw for _, raw in mails])
