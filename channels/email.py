@@ -23,6 +23,10 @@ class RawEmail:
     envelope_sender: str | None = None
     envelope_recipients: Sequence[str] = field(default_factory=tuple)
     acknowledge: bool = True
+    # Trace fields we add (SMTP's Received): stored in front of the raw
+    # bytes, but not parsed, so the same bytes give the same outcome
+    # whichever channel carried them.
+    trace: bytes = b""
 
 
 def arrival(email: RawEmail) -> Arrival:
@@ -30,7 +34,8 @@ def arrival(email: RawEmail) -> Arrival:
 
     Pure: no store access, so it runs outside the transaction.
     """
-    digest = content_hash(email.raw)
+    raw = email.trace + email.raw
+    digest = content_hash(raw)
     try:
         inbound = parse_email(
             email.raw,
@@ -39,10 +44,11 @@ def arrival(email: RawEmail) -> Arrival:
         )
     except Unparseable as exc:
         reason = exc.reason
-        return Arrival(email.raw, digest, email.source, email.source_key, None, reason)
+        return Arrival(raw, digest, email.source, email.source_key, None, reason)
+    inbound.raw = raw
 
     return Arrival(
-        email.raw,
+        raw,
         digest,
         email.source,
         email.source_key,

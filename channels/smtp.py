@@ -185,11 +185,17 @@ class SmtpHandler:
         return "250 2.1.5 OK"
 
     async def handle_DATA(self, server: SMTP, session: Any, envelope: Any) -> str:
-        raw = self._with_received(session, envelope.original_content)
         sender = envelope.mail_from
         recipients = list(envelope.rcpt_tos)
 
-        email = RawEmail(raw, self.source, None, sender, recipients)
+        email = RawEmail(
+            envelope.original_content,
+            self.source,
+            None,
+            sender,
+            recipients,
+            trace=self._received(session),
+        )
         try:
             outcome = await self.batcher.receive(email)
         except StoreUnavailable as exc:
@@ -202,8 +208,8 @@ class SmtpHandler:
         self.on_accepted(outcome)
         return f"250 2.0.0 Ok: {_describe(outcome)}"
 
-    def _with_received(self, session: Any, content: bytes) -> bytes:
-        """Prepend a Received trace field, as every MTA must (RFC 5321 §4.4)."""
+    def _received(self, session: Any) -> bytes:
+        """A Received trace field for the stored copy (RFC 5321 §4.4)."""
         peer = session.peer[0] if isinstance(session.peer, tuple) else session.peer
         helo = session.host_name or "unknown"
         stamp = format_datetime(self.clock.now())
@@ -212,7 +218,7 @@ class SmtpHandler:
             f"\tby {self.hostname} (Intake) with {self.protocol}; {stamp}\r\n"
         )
 
-        return line.encode("ascii", "replace") + content
+        return line.encode("ascii", "replace")
 
 
 def _say_goodbye(connection: DrainingSMTP) -> None:

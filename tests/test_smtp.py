@@ -150,3 +150,15 @@ def test_sigterm_stops_the_daemon_cleanly(daemon: DaemonProcess) -> None:
 
     assert code == 0
     assert "stopped" in daemon.log()
+
+
+def test_bytes_that_are_not_mail_are_quarantined_as_on_import(
+    daemon: DaemonProcess,
+) -> None:
+    send(daemon.port, b"Copyright (c) somebody\nPermission is hereby granted\n")
+
+    held = json.loads(daemon.cli("quarantine", "list", "--json").stdout)
+    assert len(held) == 1
+    assert "not an email message" in held[0]["reason"]
+    raw = daemon.cli("quarantine", "show", str(held[0]["id"]), "--raw").stdout
+    assert raw.startswith("Received: from ")  # the stored copy keeps our trace
