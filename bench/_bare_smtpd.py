@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 from aiosmtpd.smtp import SMTP
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's
 from channels.smtp import LenientSMTP
 
 

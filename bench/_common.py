@@ -11,7 +11,9 @@ import argparse
 import json
 import os
 import re
+import select
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -26,43 +28,14 @@ from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
-if str(REPO) not in sys.path:  # scripts run as ``python bench/NAME.py``
+if str(REPO) not in sys.path:  # for tests.dovecot; ``python bench/NAME.py``
     sys.path.insert(0, str(REPO))
-
-from tests.conftest import DaemonProcess, free_port, run_cli  # noqa: E402
 
 MAKE_CORPUS = REPO.parent / "shared" / "tools" / "make_corpus.py"
 CORPUS_CACHE = Path(tempfile.gettempdir()) / "intake-bench-corpus"
 SUPPORT = "support@helpdesk.example.com"  # the To of every corpus message
 DOMAIN = "helpdesk.example.com"
 SKIPPED = "skipped:"  # the first word of a script that cannot run here
-
-__all__ = [
-    "BENCH",
-    "DOMAIN",
-    "REPO",
-    "SKIPPED",
-    "SUPPORT",
-    "Corpus",
-    "DaemonProcess",
-    "Threading",
-    "check_threading",
-    "conditions",
-    "corpus",
-    "crlf",
-    "daemon",
-    "free_port",
-    "intake_json",
-    "memory",
-    "parser",
-    "percentile",
-    "print_table",
-    "run_cli",
-    "skip",
-    "wait_port",
-    "workdir",
-    "write_config",
-]
 
 
 # -- command line and output ---------------------------------------------------
@@ -84,7 +57,9 @@ def skip(reason: str) -> None:
     sys.exit(0)
 
 
-def print_table(title: str, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+def print_table(
+    title: str, header: Sequence[str], rows: Iterable[Sequence[Any]]
+) -> None:
     """A small fixed-width table; columns of numbers right-aligned."""
     body = [[_cell(cell) for cell in row] for row in rows]
     cells = [[str(cell) for cell in header], *body]
@@ -199,15 +174,21 @@ def crlf(raw: bytes) -> bytes:
 # -- the daemon ----------------------------------------------------------------
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def write_config(
     directory: Path,
     *,
     port: int,
     store_url: str = "",
     extra: str = "",
-    max_message_bytes: int | None = None,
 ) -> Path:
-    """Settings as an operator writes them; SMTP on ``port``, our domain."""
+    """Settings as an operator writes them: SMTP on ``port`` for our domain,
+    the HTTP health listener on a free port of its own."""
     lines = [
         f'state_dir = "{directory / "state"}"',
         "[store]",
@@ -215,33 +196,146 @@ def write_config(
         "[smtp]",
         f'listen = "127.0.0.1:{port}"',
         f'domains = ["{DOMAIN}"]',
+        "[http]",
+        f'listen = "127.0.0.1:{free_port()}"',
     ]
-    if max_message_bytes is not None:
-        lines.append(f"max_message_bytes = {max_message_bytes}")
     path = directory / "intake.toml"
     path.write_text("\n".join(lines) + "\n" + extra)
 
     return path
 
 
+def intake_command(config: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "intake", "--config", str(config), *args]
+
+
+class Daemon:
+    """``intake run`` as a child process, ready when it says READY=1.
+
+    The readiness comes over a fake ``$NOTIFY_SOCKET``, as systemd gets it
+    (sd_notify(3)); a daemon without intake/sdnotify.py is taken as ready
+    when its SMTP port accepts.
+    """
+
+    def __init__(self, config: Path, port: int, folder: Path) -> None:
+        self.config = config
+        self.port = port
+        self.folder = folder
+        self.process: subprocess.Popen[bytes] | None = None
+        self.notify = NotifySocket(folder / "notify.sock")
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def start(self, timeout: float = 60.0) -> float:
+        """Start and wait until ready; the seconds that took."""
+        started = time.perf_counter()
+        with (self.folder / "daemon.log").open("ab") as log:
+            self.process = subprocess.Popen(
+                intake_command(self.config, "run"),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+                env={**os.environ, "NOTIFY_SOCKET": str(self.notify.path)},
+            )
+        if HAS_SDNOTIFY:
+            self.notify.wait("READY=1", timeout, self.process)
+        else:
+            wait_port(self.port, timeout, self.process)
+
+        return time.perf_counter() - started
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def check(self) -> None:
+        """Raise with the log's end when the daemon has died."""
+        if not self.alive():
+            raise RuntimeError(f"the daemon exited:\n{self.log()[-3000:]}")
+
+    def stop(self, timeout: float = 60.0) -> None:
+        if self.alive():
+            assert self.process is not None
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(timeout)
+        self.notify.close()
+
+    def log(self) -> str:
+        return (self.folder / "daemon.log").read_text(errors="replace")
+
+
+HAS_SDNOTIFY = (REPO / "intake" / "sdnotify.py").is_file()
+
+
+class NotifySocket:
+    """A datagram socket where a daemon sends its sd_notify(3) states."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+
+    def wait(
+        self, state: str, timeout: float, process: subprocess.Popen[bytes]
+    ) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"exited with {process.returncode} before {state}")
+            if self.poll(state, 0.01):
+                return
+        raise RuntimeError(f"no {state} after {timeout}s")
+
+    def poll(self, state: str, seconds: float) -> bool:
+        """True when a datagram holding ``state`` arrives within ``seconds``."""
+        ready, _, _ = select.select([self.sock], [], [], seconds)
+        if not ready:
+            return False
+
+        return state in self.sock.recv(4096).decode(errors="replace").splitlines()
+
+    def close(self) -> None:
+        self.sock.close()
+        self.path.unlink(missing_ok=True)
+
+
 @contextmanager
-def daemon(directory: Path, **config: Any) -> Iterator[DaemonProcess]:
+def daemon(directory: Path, **config: Any) -> Iterator[Daemon]:
     """``intake run`` on a free port, stopped with SIGTERM afterwards."""
     directory.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    path = write_config(directory, port=port, **config)
-    process = DaemonProcess(path, port, directory / "daemon.log")
-    process.start(timeout=60)
+    process = Daemon(write_config(directory, port=port, **config), port, directory)
     try:
+        process.start()
         yield process
+    except Exception:
+        if process.process is not None:
+            print(f"daemon log, the end:\n{process.log()[-3000:]}", file=sys.stderr)
+        raise
     finally:
-        if process.process is not None and process.process.poll() is None:
-            process.stop(timeout=60)
+        process.stop()
+
+
+def run_cli(config: Path, *args: str) -> str:
+    """An ``intake`` command's standard output; raises if it fails."""
+    done = subprocess.run(
+        intake_command(config, *args),
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"intake {' '.join(args)}: {done.stdout}{done.stderr}")
+
+    return done.stdout
 
 
 def intake_json(config: Path, *args: str) -> Any:
     """An ``intake`` command's ``--json`` output, parsed."""
-    return json.loads(run_cli(config, *args, "--json").stdout)
+    return json.loads(run_cli(config, *args, "--json"))
 
 
 def wait_port(port: int, timeout: float, process: subprocess.Popen[bytes]) -> None:
@@ -249,12 +343,18 @@ def wait_port(port: int, timeout: float, process: subprocess.Popen[bytes]) -> No
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"exited with {process.returncode} before listening")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.01)
+        if accepts(port):
+            return
+        time.sleep(0.01)
     raise RuntimeError(f"port {port} not listening after {timeout}s")
+
+
+def accepts(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
 
 
 def memory(pid: int) -> dict[str, float]:
@@ -310,8 +410,10 @@ class Threading:
             ),
             ("misthreaded replies", str(self.misthreaded)),
             ("threads merged into another's ticket", str(self.merged_threads)),
-            ("verdict", "every message once, every reply threaded" if self.ok
-             else "FAILED"),
+            (
+                "verdict",
+                "every message once, every reply threaded" if self.ok else "FAILED",
+            ),
         ]
 
 
@@ -416,3 +518,17 @@ def run_client(command: list[str]) -> dict[str, Any]:
         raise RuntimeError(f"load client failed:\n{done.stdout}\n{done.stderr}")
 
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def load_row(name: str, result: dict[str, Any]) -> tuple[Any, ...]:
+    """One table row from the load client's summary."""
+    sent = int(result["sent"])
+    seconds = float(result["seconds"])
+    codes = result["codes"]
+    answers = ", ".join(f"{code}: {codes[code]}" for code in sorted(codes))
+
+    return (name, sent, f"{seconds:.2f} s", sent / seconds, answers)
+
+
+def rate(result: dict[str, Any]) -> float:
+    return float(result["sent"]) / float(result["seconds"])

@@ -48,9 +48,7 @@ def main() -> None:
 
         # The same start-up alone, to show what the import itself took.
         started = time.perf_counter()
-        subprocess.run(
-            [*command, "init"], capture_output=True, cwd=REPO, check=True
-        )
+        subprocess.run([*command, "init"], capture_output=True, cwd=REPO, check=True)
         start_up = time.perf_counter() - started
 
         print_table(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from typing import Any
 
 from _common import (
     BENCH,
@@ -22,8 +23,10 @@ from _common import (
     corpus,
     daemon,
     free_port,
+    load_row,
     parser,
     print_table,
+    rate,
     run_client,
     verify,
     wait_port,
@@ -31,9 +34,10 @@ from _common import (
 )
 
 
-def bare(mix: Corpus, count: int, connections: int) -> dict[str, object]:
+def bare(mix: Corpus, count: int, connections: int) -> dict[str, Any]:
     port = free_port()
-    server = subprocess.Popen([sys.executable, str(BENCH / "_bare_smtpd.py"), str(port)])
+    command = [sys.executable, str(BENCH / "_bare_smtpd.py"), str(port)]
+    server = subprocess.Popen(command)
     try:
         wait_port(port, 30, server)
         return run_client(
@@ -42,14 +46,6 @@ def bare(mix: Corpus, count: int, connections: int) -> dict[str, object]:
     finally:
         server.terminate()
         server.wait(30)
-
-
-def row(name: str, result: dict[str, object]) -> tuple[object, ...]:
-    sent = int(result["sent"])  # type: ignore[call-overload]
-    seconds = float(result["seconds"])  # type: ignore[arg-type]
-    codes = ", ".join(f"{code}: {n}" for code, n in sorted(result["codes"].items()))  # type: ignore[attr-defined]
-
-    return (name, sent, f"{seconds:.2f} s", sent / seconds, codes)
 
 
 def main() -> None:
@@ -68,16 +64,14 @@ def main() -> None:
                 client_command(mix, [intake.port], count=count, connections=connections)
             )
             time.sleep(0.5)  # let the outbox worker settle before stopping
-        ratio = (measured["sent"] / measured["seconds"]) / (
-            baseline["sent"] / baseline["seconds"]
-        )
+        ratio = rate(measured) / rate(baseline)
         print_table(
-            f"SMTP throughput, {connections} persistent connections, "
-            f"{count} messages ({sum(1 for _ in mix.files())} in the corpus)",
+            f"SMTP throughput, {count:,} messages over {connections} persistent "
+            "connections, one client process",
             ("target", "messages", "wall", "msgs/s", "answers"),
             [
-                row("(a) bare aiosmtpd", baseline),
-                row("(b) intake run, SQLite", measured),
+                load_row("(a) bare aiosmtpd", baseline),
+                load_row("(b) intake run, SQLite", measured),
                 ("(b)/(a)", "", "", f"x{ratio:.2f}", "goal >= 0.5"),
             ],
         )

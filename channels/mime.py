@@ -398,11 +398,17 @@ def _header_text(value: str | bytes, name: str, defects: list[str]) -> str:
 def _bytes_to_text(data: bytes) -> str:
     """Undeclared bytes (raw 8-bit headers, too): UTF-8, else windows-1252."""
     if data.isascii():
-        return data.decode("ascii")
+        return _without_nul(data.decode("ascii"))
     try:
-        return data.decode("utf-8")
+        return _without_nul(data.decode("utf-8"))
     except UnicodeDecodeError:
-        return data.decode("cp1252", errors="replace")
+        return _without_nul(data.decode("cp1252", errors="replace"))
+
+
+def _without_nul(text: str) -> str:
+    """NUL has no place in mail text (RFC 5322 2.3), and PostgreSQL's text
+    type cannot store it; it becomes U+FFFD, the raw bytes keep the original."""
+    return text.replace("\x00", "\ufffd") if "\x00" in text else text
 
 
 def _decode_words(text: str, name: str, defects: list[str]) -> str:
@@ -471,7 +477,7 @@ def _decode_text(data: bytes, charset: str | None, defects: list[str]) -> str:
         defects.append(f"unknown charset {charset!r}")
     elif codec:
         try:
-            return data.decode(codec)
+            return _without_nul(data.decode(codec))
         except UnicodeError:
             defects.append(f"text is not valid {charset}")
 

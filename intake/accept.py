@@ -10,28 +10,54 @@ Several messages may share one transaction (``accept_batch``): a commit
 costs a disk flush, and a batch of ten pays it once. The rows are written
 with SQL expressions rather than the ORM's unit of work, which cost ten times
 as much per message.
+
+Mail from an agent is told apart by an in-memory lookup of the configured
+addresses. On a ticket the agent proved they were sent (our Message-ID in
+the headers, or the signed reply address), its commands change the ticket
+and its text, stripped of quotes and signature, goes to the customer.
+Everyone else's mail passes the flood limits, then opens or joins a ticket
+and notifies the agents.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal, Protocol, TypeVar
 
-from sqlalchemy import Connection, bindparam, insert, select, update
+from sqlalchemy import (
+    Connection,
+    Table,
+    and_,
+    bindparam,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
-from intake import surveys, tickets
-from intake.classify import classify, wants_no_reply
+from intake import replies, surveys, tickets
+from intake.agents import Agent, Commands, Roster, looks_like_commands, read_commands
+from intake.classify import (
+    DeliveryFailure,
+    classify,
+    delivery_failures,
+    wants_no_reply,
+)
 from intake.clock import Clock
-from intake.config import Settings
-from intake.domain import Address, Inbound, Kind
+from intake.config import AgentSettings, Settings
+from intake.domain import Address, Channel, Inbound, Kind
 from intake.errors import StoreUnavailable
-from intake.threads import Ladder
+from intake.floods import FloodGate, Over
+from intake.threads import PROVEN, Ladder, ReplyAddresses
 from intake.tickets import TicketRef
 from store.engine import SessionFactory
+from store.models import Base
 from store.tables import (
     attachments,
     contacts,
@@ -46,8 +72,18 @@ from store.tables import quarantine as quarantine_table
 log = logging.getLogger(__name__)
 
 Status = Literal[
-    "created", "appended", "reopened", "duplicate", "machine", "quarantined"
+    "created",
+    "appended",
+    "reopened",
+    "duplicate",
+    "machine",
+    "quarantined",
+    "flooded",
+    "agent",
 ]
+# Called in the transaction that resolved a ticket (connection, ticket id,
+# time): the notifier queues the customer's resolution note there.
+ResolutionHook = Callable[[Connection, int, datetime], object]
 T = TypeVar("T")
 
 # Built once: SQLAlchemy memoises a statement's cache key on the object, so
@@ -88,10 +124,32 @@ UNDELIVERABLE = select(contacts.c.id).where(
     contacts.c.value == bindparam("email"),
     contacts.c.undeliverable_at.is_not(None),
 )
-INSERT_OUTBOX = insert(outbox_table).returning(outbox_table.c.id)
+# Several rows in one statement; the rows come back in no promised order,
+# so each carries the key that names it.
+INSERT_OUTBOX = insert(outbox_table).returning(
+    outbox_table.c.message_pk, outbox_table.c.id
+)
+INSERT_MESSAGES = insert(messages).returning(messages.c.message_id, messages.c.id)
 ANY_HELD = (
     select(quarantine_table.c.id).where(quarantine_table.c.status == "held").limit(1)
 )
+# What the customer saw of a ticket, oldest first: their mail and ours.
+CUSTOMER_FACING = ("ack", "reply", "resolution")
+THREAD = (
+    select(messages.c.direction, messages.c.sender, messages.c.message_id)
+    .where(
+        messages.c.ticket_id == bindparam("ticket_id"),
+        or_(
+            and_(messages.c.direction == "in", messages.c.kind == "human"),
+            and_(
+                messages.c.direction == "out",
+                messages.c.kind.in_(CUSTOMER_FACING),
+            ),
+        ),
+    )
+    .order_by(messages.c.id)
+)
+_agents = Base.metadata.tables["agents"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,12 +191,85 @@ class OutgoingEmail:
     text: str
 
 
+@dataclass(frozen=True, slots=True)
+class TicketView:
+    """What a notification tells the agents about a ticket."""
+
+    number: int
+    subject: str
+    status: str
+    priority: str
+    assignee: str  # the agent's name; "" when nobody has it
+    customer: Address
+    event: str  # created | appended | reopened
+
+
 class Composer(Protocol):
     """Renders what we send; implemented by the notifier."""
 
     def acknowledgement(
         self, *, ticket_number: int, subject: str, to: Address, inbound: Inbound
     ) -> OutgoingEmail: ...
+
+    def notification(
+        self,
+        *,
+        to: Sequence[Address],
+        ticket: TicketView,
+        inbound: Inbound,
+        reply_to: str,
+    ) -> OutgoingEmail: ...
+
+    def agent_reply(
+        self,
+        *,
+        ticket_number: int,
+        subject: str,
+        text: str,
+        agent_name: str,
+        to: Address,
+        in_reply_to: str | None,
+        references: Sequence[str],
+    ) -> OutgoingEmail: ...
+
+    def notice(
+        self,
+        *,
+        to: Address,
+        explanation: str,
+        problems: Sequence[str],
+        inbound: Inbound,
+        ticket_number: int | None,
+    ) -> OutgoingEmail: ...
+
+    def flood_warning(
+        self,
+        *,
+        to: Address,
+        what: str,
+        limit: int,
+        window_minutes: int,
+        inbound: Inbound,
+    ) -> OutgoingEmail: ...
+
+
+@dataclass(slots=True)
+class _Sends:
+    """Mail queued while one message is applied, written in one go."""
+
+    mails: list[tuple[OutgoingEmail, str, str, int | None]] = field(
+        default_factory=list
+    )
+
+    def add(
+        self,
+        mail: OutgoingEmail,
+        kind: str,
+        *,
+        author: str = "system",
+        agent_id: int | None = None,
+    ) -> None:
+        self.mails.append((mail, kind, author, agent_id))
 
 
 class Intake:
@@ -150,15 +281,26 @@ class Intake:
         clock: Clock,
         settings: Settings,
         composer: Composer,
+        *,
+        on_resolved: ResolutionHook | None = None,
     ) -> None:
         self.session_factory = session_factory
         self.clock = clock
         self.settings = settings
         self.composer = composer
+        self.on_resolved = on_resolved
         self.own_addresses = frozenset({settings.support_address})
         self.own_domains = frozenset({settings.message_id_domain})
-        self.ladder = Ladder(settings.tickets.subject_prefix)
+        secret = settings.tickets.reply_key
+        self.reply_addresses = (
+            ReplyAddresses(secret, settings.support_address, settings.smtp.domains)
+            if secret
+            else None
+        )
+        self.ladder = Ladder(settings.tickets.subject_prefix, self.reply_addresses)
         self.reopen_window = timedelta(days=settings.tickets.reopen_days)
+        self.floods = FloodGate(settings.limits)
+        self.roster = self._register_agents(settings.agents)
 
     # -- entry points ---------------------------------------------------
 
@@ -309,39 +451,454 @@ class Intake:
 
         found, reused = self.ladder.find(connection, inbound)
         flags = ["reused-message-id"] if reused else []
+        stored = _Stored(arrival, flags, any_held, now)
 
         if kind.is_machine:
-            # Machine mail is recorded on the ticket it concerns and changes
-            # nothing: no ticket, no reply, no reopen (never answer a robot).
-            ticket = found.ticket
-            message_pk = self._store_message(
-                connection, arrival, kind, ticket, None, flags=flags, now=now
-            )
-            if any_held:
-                self._release_quarantined(connection, arrival.digest, message_pk, now)
-            number = ticket.number if ticket else None
-            return Outcome("machine", number, message_pk, detail=kind.value)
+            return self._machine(connection, stored, kind, found.ticket)
 
+        assert inbound.sender is not None
+        agent = self.roster.by_email(inbound.sender.email)
+        if agent is not None:
+            handled = self._from_agent(connection, stored, agent, found)
+            if handled is not None:
+                return handled
+
+        # Only live mail is limited: an import of old mail has its own pace.
+        if arrival.acknowledge and agent is None:
+            ticket_id = found.ticket.id if found.ticket else None
+            over = self.floods.over(connection, inbound.sender.email, ticket_id, now)
+            if over is not None:
+                return self._flooded(connection, stored, over, found.ticket)
+
+        return self._from_customer(connection, stored, found)
+
+    def _machine(
+        self,
+        connection: Connection,
+        stored: _Stored,
+        kind: Kind,
+        ticket: TicketRef | None,
+    ) -> Outcome:
+        """Machine mail is recorded on the ticket it concerns and changes
+        nothing: no ticket, no reply, no reopen (never answer a robot). A
+        delivery report marks the message it is about as failed."""
+        if kind is Kind.BOUNCE:
+            ticket = self._bounced(connection, stored.inbound, stored.now) or ticket
+        message_pk = self._store_message(connection, stored, kind.value, ticket)
+        number = ticket.number if ticket else None
+
+        return Outcome("machine", number, message_pk, detail=kind.value)
+
+    def _from_customer(
+        self, connection: Connection, stored: _Stored, found: tickets.Found
+    ) -> Outcome:
+        inbound, now = stored.inbound, stored.now
         assert inbound.sender is not None
         customer_id, known_customer = self._customer_for(
             connection, inbound.sender, now
         )
         ticket, status = self._apply(connection, found, customer_id, inbound, now)
         message_pk = self._store_message(
-            connection, arrival, kind, ticket, customer_id, flags=flags, now=now
+            connection, stored, Kind.HUMAN.value, ticket, customer_id=customer_id
         )
-        if any_held:
-            self._release_quarantined(connection, arrival.digest, message_pk, now)
         others = self._participants(inbound, customer_id, ticket)
         tickets.add_participants(connection, ticket.id, others)
 
-        queued = 0
-        wanted = arrival.acknowledge and status == "created"
-        if wanted and self._should_acknowledge(connection, inbound, known_customer):
-            self._enqueue_ack(connection, ticket, inbound, now)
-            queued = 1
+        sends = _Sends()
+        live = stored.arrival.acknowledge
+        if live and looks_like_commands(inbound.text):
+            self._refuse_commands(connection, sends, inbound, ticket, known_customer)
+        elif (
+            live
+            and status == "created"
+            and self.settings.tickets.acknowledge
+            and self._may_answer(connection, inbound, known_customer)
+        ):
+            sends.add(self._acknowledgement(ticket, inbound), "ack")
+        # A survey answer leaves its ticket resolved and needs nobody's eyes.
+        answered_survey = status == "appended" and ticket.status == "resolved"
+        if live and self.roster and not answered_survey:
+            sends.add(self._notification(ticket, status, inbound), "notification")
+        queued = self._queue(connection, ticket.id, sends, now)
 
         return Outcome(status, ticket.number, message_pk, queued_sends=queued)
+
+    # -- mail from agents -------------------------------------------------
+
+    def _from_agent(
+        self,
+        connection: Connection,
+        stored: _Stored,
+        agent: Agent,
+        found: tickets.Found,
+    ) -> Outcome | None:
+        """Apply an agent's reply; None when it starts a new conversation.
+
+        Only a ticket the agent proved they were sent (step 1 or 2 of the
+        ladder) may be changed: the From header alone is easy to forge.
+        """
+        inbound, now = stored.inbound, stored.now
+        text = replies.visible_text(inbound.text)
+        commands = read_commands(
+            text,
+            self.roster,
+            sender=agent,
+            now=now,
+            zone=self.settings.digest.zone,
+        )
+        ticket = found.ticket if found.step in PROVEN else None
+        wants_ticket = commands.commands or commands.problems or commands.note
+        if ticket is None and not wants_ticket and found.linked is None:
+            return None  # a new conversation, as from anyone
+
+        sends = _Sends()
+        if ticket is None:
+            message_pk = self._store_agent_mail(connection, stored, agent, None, text)
+            explanation = (
+                "Nothing was changed: Intake cannot tell which ticket this is "
+                "about. Reply to the ticket's notification; its reply address "
+                "carries the ticket's signature."
+            )
+            self._tell(sends, agent, inbound, explanation, number=None)
+            queued = self._queue(connection, None, sends, now)
+            return Outcome(
+                "agent", None, message_pk, queued_sends=queued, detail="no ticket"
+            )
+
+        message_pk = self._store_agent_mail(connection, stored, agent, ticket, text)
+        problems = commands.problems + _state_problems(ticket, commands)
+        nothing = not (commands.commands or commands.text or commands.note)
+        if problems or nothing:
+            explanation = (
+                f"Your reply was not sent and nothing was changed on ticket "
+                f"{self._token(ticket)}, because:"
+                if problems
+                else "Your reply had no text once the quoted message and your "
+                "signature were taken out, so nothing was sent to the customer."
+            )
+            self._tell(
+                sends,
+                agent,
+                inbound,
+                explanation,
+                problems=problems,
+                number=ticket.number,
+            )
+            queued = self._queue(connection, ticket.id, sends, now)
+            detail = "rejected" if problems else "empty"
+            return Outcome(
+                "agent", ticket.number, message_pk, queued_sends=queued, detail=detail
+            )
+
+        self._apply_commands(
+            connection, sends, commands, agent=agent, ticket=ticket, now=now
+        )
+        queued = self._queue(connection, ticket.id, sends, now)
+        if commands.named("resolve") is not None:
+            queued += self._resolved(connection, ticket, agent, now)
+        names = [command.name for command in commands.commands]
+        names += ["note"] if commands.note else []
+        names += ["reply"] if commands.text else []
+
+        return Outcome(
+            "agent",
+            ticket.number,
+            message_pk,
+            queued_sends=queued,
+            detail=",".join(names),
+        )
+
+    def _apply_commands(
+        self,
+        connection: Connection,
+        sends: _Sends,
+        commands: Commands,
+        *,
+        agent: Agent,
+        ticket: TicketRef,
+        now: datetime,
+    ) -> None:
+        """Commands in a fixed order: reopen before a reply, the reply before
+        the resolution, so the customer reads them in that order."""
+        actor = agent.email
+        for command in commands.commands:
+            tickets.record(
+                connection,
+                ticket.id,
+                "command",
+                now,
+                actor=actor,
+                command=command.name,
+                value=_shown(command.value),
+            )
+        if commands.note:
+            tickets.record(
+                connection, ticket.id, "command", now, actor=actor, command="note"
+            )
+
+        if commands.named("reopen") is not None:
+            tickets.reopen(connection, ticket, now, actor=actor)
+        assign = commands.named("assign")
+        if assign is not None:
+            assert assign.value is None or isinstance(assign.value, int)
+            tickets.assign(connection, ticket, assign.value, now, actor=actor)
+        priority = commands.named("priority")
+        if priority is not None:
+            tickets.set_priority(
+                connection, ticket, str(priority.value), now, actor=actor
+            )
+        due = commands.named("due")
+        if due is not None:
+            assert isinstance(due.value, datetime)
+            tickets.set_due(connection, ticket, due.value, now, actor=actor)
+        if commands.note:
+            self._store_note(connection, ticket, agent, commands.note, now)
+        if commands.text:
+            self._relay(connection, sends, agent, ticket, commands.text)
+
+    def _relay(
+        self,
+        connection: Connection,
+        sends: _Sends,
+        agent: Agent,
+        ticket: TicketRef,
+        text: str,
+    ) -> None:
+        """The agent's words to the customer, threaded on their last mail."""
+        rows = connection.execute(THREAD, {"ticket_id": ticket.id}).all()
+        last = max(
+            (i for i, row in enumerate(rows) if row.direction == "in"), default=-1
+        )
+        address = rows[last].sender if last >= 0 else None
+        address = address or self._first_email(connection, ticket)
+        parent = rows[last].message_id if last >= 0 else None
+        # The thread up to the parent (RFC 5322 §3.6.4), its first and its
+        # latest few ids: enough for every client to place the reply.
+        ids = [row.message_id for row in rows[: last + 1] if row.message_id]
+        references = list(dict.fromkeys(ids[:1] + ids[-9:]))
+
+        problem = _unreachable(connection, address)
+        if problem or not address:
+            explanation = (
+                f"Your reply was saved on ticket {self._token(ticket)} but not "
+                f"sent: {problem}. Any commands in it were applied."
+            )
+            self._tell(sends, agent, None, explanation, number=ticket.number)
+            return
+
+        name = connection.scalar(
+            select(customers.c.name).where(customers.c.id == ticket.customer_id)
+        )
+        mail = self.composer.agent_reply(
+            ticket_number=ticket.number,
+            subject=ticket.subject,
+            text=text,
+            agent_name=agent.name,
+            to=Address(name or "", address),
+            in_reply_to=parent,
+            references=references,
+        )
+        sends.add(mail, "reply", author="agent", agent_id=agent.id)
+        tickets.answered(connection, ticket, self.clock.now())
+
+    def _resolved(
+        self, connection: Connection, ticket: TicketRef, agent: Agent, now: datetime
+    ) -> int:
+        """``#resolve``: the same change and note as ``intake tickets resolve``;
+        the number of mails that queued."""
+        tickets.resolve(connection, ticket, now, actor=agent.email)
+        if self.on_resolved is None:
+            return 0
+
+        return int(self.on_resolved(connection, ticket.id, now) is not None)
+
+    def _store_agent_mail(
+        self,
+        connection: Connection,
+        stored: _Stored,
+        agent: Agent,
+        ticket: TicketRef | None,
+        text: str,
+    ) -> int:
+        """The agent's mail as it came (raw) with what they wrote (text);
+        kind "agent", so nobody takes it for the customer's words."""
+        return self._store_message(
+            connection,
+            stored,
+            "agent",
+            ticket,
+            author="agent",
+            agent_id=agent.id,
+            text=text,
+        )
+
+    def _store_note(
+        self,
+        connection: Connection,
+        ticket: TicketRef,
+        agent: Agent,
+        note: str,
+        now: datetime,
+    ) -> None:
+        connection.execute(
+            INSERT_MESSAGE,
+            {
+                **_OUTBOUND_DEFAULTS,
+                "ticket_id": ticket.id,
+                "channel": "email",
+                "kind": "note",
+                "author": "agent",
+                "agent_id": agent.id,
+                "sender": agent.email,
+                "recipients": [],
+                "subject": "",
+                "text": note,
+                "raw": b"",
+                "received_at": now,
+                "status": "stored",
+            },
+        )
+
+    def _first_email(self, connection: Connection, ticket: TicketRef) -> str | None:
+        found = connection.scalar(
+            select(contacts.c.value)
+            .where(
+                contacts.c.customer_id == ticket.customer_id,
+                contacts.c.kind == "email",
+            )
+            .order_by(contacts.c.id)
+            .limit(1)
+        )
+        return str(found) if found else None
+
+    def _register_agents(self, configured: Sequence[AgentSettings]) -> Roster:
+        """The configured agents, each with a row in the store (created or
+        renamed here), so tickets and messages can point at them."""
+        if not configured:
+            return Roster([])
+
+        wanted = {agent.email.casefold(): agent.name for agent in configured}
+        with self.session_factory.begin() as session:
+            connection = session.connection()
+            rows = connection.execute(
+                select(_agents.c.id, _agents.c.name, _agents.c.email)
+            ).all()
+            known = {row.email.casefold(): row for row in rows}
+            for email, name in wanted.items():
+                row = known.get(email)
+                if row is None:
+                    _insert_ignoring_conflict(
+                        connection, _agents, {"name": name, "email": email}
+                    )
+                elif row.name != name:
+                    connection.execute(
+                        update(_agents).where(_agents.c.id == row.id).values(name=name)
+                    )
+            rows = connection.execute(
+                select(_agents.c.id, _agents.c.name, _agents.c.email)
+            ).all()
+
+        return Roster(
+            Agent(row.id, row.name, row.email.casefold())
+            for row in rows
+            if row.email.casefold() in wanted
+        )
+
+    # -- floods and bounces -----------------------------------------------
+
+    def _flooded(
+        self,
+        connection: Connection,
+        stored: _Stored,
+        over: Over,
+        ticket: TicketRef | None,
+    ) -> Outcome:
+        """Stored on the ticket it names, if any, and nothing more; the
+        owner hears of the flood once."""
+        stored.flags.append("flood")
+        message_pk = self._store_message(connection, stored, Kind.HUMAN.value, ticket)
+        number = ticket.number if ticket else None
+
+        queued = 0
+        flood_id = self.floods.record(connection, over, stored.now)
+        owner = self.settings.owner_email
+        if flood_id is not None and owner:
+            what = (
+                over.key if over.scope == "sender" else f"ticket {self._token(ticket)}"
+            )
+            mail = self.composer.flood_warning(
+                to=Address("", owner),
+                what=what,
+                limit=over.limit,
+                window_minutes=self.settings.limits.window_minutes,
+                inbound=stored.inbound,
+            )
+            sends = _Sends()
+            sends.add(mail, "flood-warning")
+            pks = self._write_sends(connection, None, sends, stored.now)
+            self.floods.warned(connection, flood_id, pks[0])
+            queued = 1
+
+        return Outcome(
+            "flooded",
+            number,
+            message_pk,
+            queued_sends=queued,
+            detail=f"{over.scope} {over.key}",
+        )
+
+    def _bounced(
+        self, connection: Connection, inbound: Inbound, now: datetime
+    ) -> TicketRef | None:
+        """Mark the messages a delivery report is about as failed, and a
+        permanently failed address undeliverable; the ticket concerned."""
+        if not inbound.report_message_ids:
+            return None
+        ours = connection.execute(
+            select(messages.c.id, messages.c.ticket_id, messages.c.message_id).where(
+                messages.c.message_id.in_(inbound.report_message_ids),
+                messages.c.direction == "out",
+            )
+        ).all()
+        if not ours:
+            return None
+
+        failures = delivery_failures(inbound)
+        reported = any(a.content_type in _STATUS_TYPES for a in inbound.attachments)
+        if failures or not reported:
+            # A report that says nothing of failure (delayed, relayed) is news
+            # only; a bounce without a report is a failure of unknown kind.
+            _mark_failed(connection, [row.id for row in ours], failures)
+        permanent = sorted({f.recipient for f in failures if f.permanent})
+        if permanent:
+            connection.execute(
+                update(contacts)
+                .where(
+                    contacts.c.kind == "email",
+                    func.lower(contacts.c.value).in_(permanent),
+                    contacts.c.undeliverable_at.is_(None),
+                )
+                .values(undeliverable_at=now)
+            )
+        for row in ours:
+            if row.ticket_id is not None:
+                tickets.record(
+                    connection,
+                    row.ticket_id,
+                    "bounced",
+                    now,
+                    message_id=row.message_id,
+                    failed=[f"{f.recipient} {f.status}" for f in failures],
+                )
+        log.warning(
+            "bounce: %s about %s; undeliverable now: %s",
+            ",".join(f"{f.recipient} {f.status}" for f in failures) or "no details",
+            ",".join(row.message_id for row in ours),
+            ",".join(permanent) or "none",
+        )
+        ticket_id = next((row.ticket_id for row in ours if row.ticket_id), None)
+
+        return tickets.by_id(connection, ticket_id) if ticket_id else None
 
     def _known(self, connection: Connection, arrival: Arrival) -> Outcome | None:
         """An Outcome("duplicate") when this input was stored before."""
@@ -372,38 +929,38 @@ class Intake:
     def _store_message(
         self,
         connection: Connection,
-        arrival: Arrival,
-        kind: Kind,
+        stored: _Stored,
+        kind: str,
         ticket: TicketRef | None,
-        customer_id: int | None,
         *,
-        flags: list[str],
-        now: datetime,
+        customer_id: int | None = None,
+        author: str = "customer",
+        agent_id: int | None = None,
+        text: str | None = None,
     ) -> int:
-        inbound = arrival.inbound
-        assert inbound is not None
+        arrival, inbound, now = stored.arrival, stored.inbound, stored.now
         message_pk: int = connection.execute(
             INSERT_MESSAGE,
             {
                 "ticket_id": ticket.id if ticket else None,
                 "direction": "in",
                 "channel": inbound.channel.value,
-                "kind": kind.value,
-                "author": "customer",
+                "kind": kind,
+                "author": author,
                 "source": arrival.source,
                 "customer_id": customer_id,
-                "agent_id": None,
+                "agent_id": agent_id,
                 "message_id": inbound.message_id,
                 "in_reply_to": " ".join(inbound.in_reply_to) or None,
                 "content_hash": arrival.digest,
                 "sender": inbound.sender.email if inbound.sender else "",
                 "recipients": [a.email for a in [*inbound.to, *inbound.cc]],
                 "subject": inbound.subject,
-                "text": inbound.text,
+                "text": inbound.text if text is None else text,
                 "html": inbound.html,
                 "raw": inbound.raw,
                 "defects": inbound.defects,
-                "flags": flags,
+                "flags": stored.flags,
                 "sent_date": inbound.date,
                 "received_at": now,
                 "status": "stored",
@@ -425,6 +982,8 @@ class Intake:
                     for part in inbound.attachments
                 ],
             )
+        if stored.any_held:
+            self._release_quarantined(connection, arrival.digest, message_pk, now)
         self._record_source(connection, arrival, message_pk=message_pk)
 
         return message_pk
@@ -533,10 +1092,11 @@ class Intake:
 
         return [a.email for a in addresses if a.email not in self.own_addresses]
 
-    def _should_acknowledge(
+    def _may_answer(
         self, connection: Connection, inbound: Inbound, known_customer: bool
     ) -> bool:
-        if not self.settings.tickets.acknowledge or wants_no_reply(inbound):
+        """Whether an automatic answer may go to the sender at all."""
+        if wants_no_reply(inbound):
             return False
         recipient = self._reply_address(inbound)
         if not known_customer and recipient == inbound.sender:
@@ -551,16 +1111,123 @@ class Intake:
                 return address
         return inbound.sender
 
-    def _enqueue_ack(
-        self, connection: Connection, ticket: TicketRef, inbound: Inbound, now: datetime
-    ) -> None:
-        mail = self.composer.acknowledgement(
+    def _acknowledgement(self, ticket: TicketRef, inbound: Inbound) -> OutgoingEmail:
+        return self.composer.acknowledgement(
             ticket_number=ticket.number,
             subject=inbound.subject,
             to=self._reply_address(inbound),
             inbound=inbound,
         )
-        enqueue_email(connection, ticket.id, mail, kind="ack", when=now)
+
+    def _notification(
+        self, ticket: TicketRef, status: Status, inbound: Inbound
+    ) -> OutgoingEmail:
+        """For the ticket's assignee, or every agent while it has none."""
+        assert self.reply_addresses is not None  # agents require the secret
+        assert inbound.sender is not None
+        assignee = self.roster.by_id(ticket.assignee_id)
+        to = [assignee] if assignee else list(self.roster.agents)
+        view = TicketView(
+            number=ticket.number,
+            subject=ticket.subject or inbound.subject,
+            status="open",
+            priority=ticket.priority,
+            assignee=assignee.name if assignee else "",
+            customer=inbound.sender,
+            event=status,
+        )
+
+        return self.composer.notification(
+            to=[Address(agent.name, agent.email) for agent in to],
+            ticket=view,
+            inbound=inbound,
+            reply_to=self.reply_addresses.for_ticket(ticket.number),
+        )
+
+    def _refuse_commands(
+        self,
+        connection: Connection,
+        sends: _Sends,
+        inbound: Inbound,
+        ticket: TicketRef,
+        known_customer: bool,
+    ) -> None:
+        """Someone who is not an agent wrote commands: they change nothing,
+        and the sender is told so (instead of an acknowledgement)."""
+        if not self._may_answer(connection, inbound, known_customer):
+            return
+        assert inbound.sender is not None
+        lines = [
+            line.strip()
+            for line in replies.visible_text(inbound.text).splitlines()
+            if line.strip().startswith("#")
+        ]
+        explanation = (
+            f"Commands are taken only from agents' addresses, and "
+            f"{inbound.sender.email} is not one, so these did nothing. Your "
+            f"message itself is on ticket {self._token(ticket)}:"
+        )
+        sends.add(
+            self.composer.notice(
+                to=self._reply_address(inbound),
+                explanation=explanation,
+                problems=lines,
+                inbound=inbound,
+                ticket_number=ticket.number,
+            ),
+            "notice",
+        )
+
+    def _tell(
+        self,
+        sends: _Sends,
+        agent: Agent,
+        inbound: Inbound | None,
+        explanation: str,
+        *,
+        problems: Sequence[str] = (),
+        number: int | None,
+    ) -> None:
+        """A notice to an agent: what was not understood or not done."""
+        about = inbound or Inbound(Channel.EMAIL, b"", None, "", "")
+        mail = self.composer.notice(
+            to=Address(agent.name, agent.email),
+            explanation=explanation,
+            problems=problems,
+            inbound=about,
+            ticket_number=number,
+        )
+        sends.add(mail, "notice")
+
+    def _queue(
+        self,
+        connection: Connection,
+        ticket_id: int | None,
+        sends: _Sends,
+        now: datetime,
+    ) -> int:
+        """Write what ``sends`` holds; the number of mails queued."""
+        if sends.mails:
+            self._write_sends(connection, ticket_id, sends, now)
+        return len(sends.mails)
+
+    def _write_sends(
+        self,
+        connection: Connection,
+        ticket_id: int | None,
+        sends: _Sends,
+        now: datetime,
+    ) -> list[int]:
+        return [
+            message_pk
+            for message_pk, _ in enqueue_emails(
+                connection, ticket_id, sends.mails, when=now
+            )
+        ]
+
+    def _token(self, ticket: TicketRef | None) -> str:
+        number = ticket.number if ticket else 0
+        return f"[{self.settings.tickets.subject_prefix}{number}]"
 
     def _hold(self, connection: Connection, arrival: Arrival, reason: str) -> Outcome:
         now = self.clock.now()
@@ -643,30 +1310,45 @@ def enqueue_email(
 ) -> int:
     """Store an outbound message and its outbox row in the caller's
     transaction; the outbox row's id."""
-    row: dict[str, Any] = {
-        "ticket_id": ticket_id,
-        "direction": "out",
-        "channel": "email",
-        "kind": kind,
-        "author": author,
-        "source": "",
-        "message_id": mail.message_id,
-        "content_hash": None,
-        "sender": mail.envelope_from,
-        "recipients": mail.recipients,
-        "subject": mail.subject,
-        "text": mail.text,
-        "raw": mail.raw,
-        "defects": [],
-        "flags": [],
-        "received_at": when,
-        "status": "queued",
-    }
-    message_pk = connection.execute(INSERT_MESSAGE, row).scalar_one()
+    [(_, outbox_id)] = enqueue_emails(
+        connection, ticket_id, [(mail, kind, author, None)], when=when
+    )
+    return outbox_id
 
-    return int(
-        connection.execute(
-            INSERT_OUTBOX,
+
+def enqueue_emails(
+    connection: Connection,
+    ticket_id: int | None,
+    mails: Sequence[tuple[OutgoingEmail, str, str, int | None]],
+    *,
+    when: datetime,
+) -> list[tuple[int, int]]:
+    """Store outbound messages, each (mail, kind, author, agent id), and one
+    outbox row for each, in two statements; (message id, outbox id) pairs."""
+    rows: list[dict[str, Any]] = [
+        {
+            **_OUTBOUND_DEFAULTS,
+            "ticket_id": ticket_id,
+            "channel": "email",
+            "kind": kind,
+            "author": author,
+            "agent_id": agent_id,
+            "message_id": mail.message_id,
+            "sender": mail.envelope_from,
+            "recipients": mail.recipients,
+            "subject": mail.subject,
+            "text": mail.text,
+            "raw": mail.raw,
+            "received_at": when,
+            "status": "queued",
+        }
+        for mail, kind, author, agent_id in mails
+    ]
+    pk_of: dict[str, int] = dict(connection.execute(INSERT_MESSAGES, rows).all())
+    message_pks = [pk_of[mail.message_id] for mail, *_ in mails]
+    inserted = connection.execute(
+        INSERT_OUTBOX,
+        [
             {
                 "message_pk": message_pk,
                 "channel": "email",
@@ -678,6 +1360,99 @@ def enqueue_email(
                 "last_error": "",
                 "claimed_by": "",
                 "created_at": when,
-            },
-        ).scalar_one()
+            }
+            for message_pk, (mail, *_) in zip(message_pks, mails, strict=True)
+        ],
     )
+    outbox_of: dict[int, int] = dict(inserted.all())
+
+    return [(pk, outbox_of[pk]) for pk in message_pks]
+
+
+# Columns an outbound or internal message leaves at their plain values.
+_OUTBOUND_DEFAULTS: dict[str, Any] = {
+    "direction": "out",
+    "source": "",
+    "customer_id": None,
+    "agent_id": None,
+    "message_id": None,
+    "in_reply_to": None,
+    "content_hash": None,
+    "html": None,
+    "defects": [],
+    "flags": [],
+    "sent_date": None,
+}
+_STATUS_TYPES = frozenset({"message/delivery-status", "message/global-delivery-status"})
+
+
+@dataclass(slots=True)
+class _Stored:
+    """One arrival on its way into the store, with what goes with it."""
+
+    arrival: Arrival
+    flags: list[str]
+    any_held: bool
+    now: datetime
+
+    @property
+    def inbound(self) -> Inbound:
+        assert self.arrival.inbound is not None
+        return self.arrival.inbound
+
+
+def _state_problems(ticket: TicketRef, commands: Commands) -> list[str]:
+    """Commands that make no sense for the ticket as it is now."""
+    token = f"ticket {ticket.number}"
+    problems = []
+    resolved = ticket.status == "resolved"
+    if commands.named("resolve") is not None and resolved:
+        problems.append(f"#resolve: {token} is resolved already")
+    if commands.named("reopen") is not None and not resolved:
+        problems.append(f"#reopen: {token} is not resolved, it is {ticket.status}")
+
+    return problems
+
+
+def _unreachable(connection: Connection, address: str | None) -> str:
+    """Why mail cannot go to ``address``; "" when it can."""
+    if not address:
+        return "the ticket's customer has no email address"
+    if connection.scalar(UNDELIVERABLE, {"email": address}):
+        return (
+            f"mail to {address} bounced. Once it works again, clear it with"
+            f"\n\n    intake contacts clear {address}\n\nand send your reply again"
+        )
+    return ""
+
+
+def _shown(value: object) -> str | int | None:
+    if isinstance(value, datetime):
+        return value.isoformat(timespec="minutes")
+    if value is None or isinstance(value, str | int):
+        return value
+    return str(value)
+
+
+def _mark_failed(
+    connection: Connection, message_pks: list[int], failures: list[DeliveryFailure]
+) -> None:
+    reason = "bounced: " + (
+        ", ".join(f"{f.recipient} {f.status}" for f in failures) or "no details"
+    )
+    connection.execute(
+        update(messages).where(messages.c.id.in_(message_pks)).values(status="failed")
+    )
+    connection.execute(
+        update(outbox_table)
+        .where(outbox_table.c.message_pk.in_(message_pks))
+        .values(status="failed", last_error=reason)
+    )
+
+
+def _insert_ignoring_conflict(
+    connection: Connection, table: Table, row: dict[str, Any]
+) -> None:
+    dialect = connection.dialect.name
+    builder = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    connection.execute(builder(table).on_conflict_do_nothing(), row)

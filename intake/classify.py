@@ -4,16 +4,29 @@ Pure functions of an ``Inbound``. ``classify`` decides the kind before
 threading; machine mail is recorded on its ticket but never acknowledged and
 never reopens anything. The first rule that matches wins, most specific
 first: our own mail coming back, bounces, auto-replies, then bulk mail.
+
+The rules are the union of the standard markers (RFC 3834 Auto-Submitted,
+RFC 3464 delivery reports, RFC 2919/2369 list headers, the null
+reverse-path) and the common non-standard ones (X-Autoreply, X-Autorespond,
+Precedence, mailer-daemon and postmaster senders, our own loop header and
+Message-ID domain). ``X-Auto-Response-Suppress`` is not among them: it asks
+us not to answer (``wants_no_reply``), it does not make a message machine
+mail.
+
+``delivery_failures`` reads what a delivery report says about each
+recipient, so the message path can mark the message it is about as failed.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Collection
+from dataclasses import dataclass
+from email.parser import BytesHeaderParser
 
 from intake.domain import Inbound, Kind
 
-__all__ = ["classify", "wants_no_reply"]
+__all__ = ["DeliveryFailure", "classify", "delivery_failures", "wants_no_reply"]
 
 # RFC 3464 / RFC 6522: multipart/report about delivery.
 _DELIVERY_REPORT = re.compile(
@@ -25,9 +38,12 @@ _READ_RECEIPT = re.compile(
     r"^\s*multipart/report\s*;.*report-type\s*=\s*\"?disposition-notification",
     re.IGNORECASE | re.DOTALL,
 )
-# Last resort: the prefixes out-of-office responders put on the subject.
+# Last resort: the prefixes out-of-office responders put on the subject
+# (English, German, French, Spanish, Dutch).
 _AUTO_REPLY_SUBJECT = re.compile(
-    r"^\s*(out of (the )?office|automatic reply|auto[- ]?re(ply|sponse))\b",
+    r"^\s*(out of (the )?office|automatic reply|auto[- ]?re(ply|sponse)"
+    r"|automatische antwort|abwesenheitsnotiz|r[ée]ponse automatique"
+    r"|respuesta autom[áa]tica|automatisch antwoord)\b",
     re.IGNORECASE,
 )
 _BOUNCE_SENDERS = frozenset({"mailer-daemon", "postmaster"})
@@ -79,9 +95,15 @@ def _is_loop(
     """Our own mail coming back: our loop header, our address, our ids."""
     if inbound.header(loop_header) is not None:
         return True
-    sender = _sender_email(inbound)
-    if sender and sender in {address.lower() for address in own_addresses}:
+    own = {address.lower() for address in own_addresses}
+    if _own_address(_sender_email(inbound), own):
         return True
+    # X-Loop (procmail, many helpdesks) naming one of our addresses.
+    for value in inbound.header_all("x-loop"):
+        if any(
+            _own_address(token.strip("<>").lower(), own) for token in _tokens(value)
+        ):
+            return True
 
     # RFC 5322 §3.6.4: the right-hand side of our Message-IDs is our domain.
     id_domain = (inbound.message_id or "").rpartition("@")[2].strip("[]").lower()
@@ -128,7 +150,7 @@ def _is_auto_reply(inbound: Inbound) -> bool:
 
 def _has_auto_reply_marker(inbound: Inbound) -> bool:
     """Headers that Gmail, Exchange, qmail and friends put on auto-replies."""
-    for name in ("x-autoreply", "x-autorespond"):
+    for name in ("x-autoreply", "x-autorespond", "x-autoresponder"):
         value = inbound.header(name)
         if value is not None and _first_word(value) not in {"no", "false", "0"}:
             return True
@@ -163,11 +185,88 @@ def _is_bulk(inbound: Inbound) -> bool:
     return squeezed in _NO_REPLY_SENDERS or local.endswith("-request")
 
 
+# --- delivery reports -----------------------------------------------------
+
+
+_STATUS_TYPES = frozenset({"message/delivery-status", "message/global-delivery-status"})
+_BLOCK_END = re.compile(rb"\r?\n[ \t]*\r?\n")
+_STATUS_CODE = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryFailure:
+    """A recipient a delivery report says could not be reached.
+
+    ``permanent`` for a 5.x.x status (RFC 3463): trying again cannot help,
+    so nothing more may be sent to the address until a person clears it.
+    """
+
+    recipient: str
+    status: str
+    permanent: bool
+
+
+def delivery_failures(inbound: Inbound) -> list[DeliveryFailure]:
+    """The failed recipients a bounce names, from its RFC 3464 report, or
+    from Exim's X-Failed-Recipients when it sent no report."""
+    found: list[DeliveryFailure] = []
+    for attachment in inbound.attachments:
+        if attachment.content_type in _STATUS_TYPES:
+            found += _failed_blocks(attachment.content)
+    if found:
+        return found
+
+    # Exim lists the addresses that failed for good, with no report.
+    failed = ",".join(inbound.header_all("x-failed-recipients"))
+    return [
+        DeliveryFailure(address.strip().strip("<>").lower(), "5.0.0", True)
+        for address in failed.split(",")
+        if "@" in address
+    ]
+
+
+def _failed_blocks(content: bytes) -> list[DeliveryFailure]:
+    """RFC 3464 §2.3: each block after the per-message one is a recipient,
+    with Final-Recipient, Action and Status; only "failed" ones count."""
+    found = []
+    parser = BytesHeaderParser()
+    for block in _BLOCK_END.split(content.strip()):
+        fields = parser.parsebytes(block.strip() + b"\n")
+        action = str(fields.get("action", "")).strip().lower()
+        recipient = str(
+            fields.get("final-recipient") or fields.get("original-recipient") or ""
+        )
+        if action != "failed" or not recipient:
+            continue
+        # "rfc822; user@example.com": the address type, then the address.
+        address = recipient.partition(";")[2] or recipient
+        code = _STATUS_CODE.search(str(fields.get("status", "")))
+        status = code[0] if code else "5.0.0"
+        found.append(
+            DeliveryFailure(
+                address.strip().strip("<>").lower(), status, status.startswith("5")
+            )
+        )
+
+    return found
+
+
 # --- small readers --------------------------------------------------------
 
 
 def _sender_email(inbound: Inbound) -> str:
     return inbound.sender.email.lower() if inbound.sender else ""
+
+
+def _own_address(email: str, own: set[str]) -> bool:
+    """One of ``own``, or a "+" variant of one (our per-ticket addresses)."""
+    if not email:
+        return False
+    if email in own:
+        return True
+    local, at, domain = email.rpartition("@")
+    base = local.partition("+")[0]
+    return bool(at) and "+" in local and f"{base}@{domain}" in own
 
 
 def _local_part(email: str) -> str:

@@ -31,6 +31,7 @@ from intake.config import Settings, load_settings
 from intake.daemon import Daemon, Parts, prepare
 from intake.errors import ConfigError, IntakeError
 from intake.logs import LogFormat, SecretMask, settings_secrets, setup_logging
+from notifier import outbox as sending
 from notifier import resolution
 from notifier.digest import render as render_digest
 from notifier.digest import render_report
@@ -190,6 +191,8 @@ def import_(ctx: Context, paths: tuple[Path, ...], acknowledge: bool) -> None:
         "appended",
         "reopened",
         "machine",
+        "flooded",
+        "agent",
         "duplicate",
         "quarantined",
     ):
@@ -435,6 +438,56 @@ def outbox_list(ctx: Context, status: str, as_json: bool) -> None:
         return view
 
     emit(rows, as_json, table)
+
+
+@outbox.command("retry")
+@click.argument("entry", type=int, required=False)
+@click.option("--all", "retry_all", is_flag=True, help="Retry every failed row.")
+@pass_context
+def outbox_retry(ctx: Context, entry: int | None, retry_all: bool) -> None:
+    """Send failed rows again, now; attempts start over."""
+    if (entry is None) == (not retry_all):
+        fail("give an outbox ID or --all")
+    parts = ctx.parts
+    factory = parts.intake.session_factory
+    queued = sending.retry(factory, parts.clock, None if retry_all else [entry or 0])
+    if not queued:
+        fail(f"no failed outbox row {entry}" if entry else "no failed outbox rows", 1)
+
+    settings = parts.settings
+    results = asyncio.run(
+        sending.send_due(
+            factory,
+            parts.clock,
+            settings.outbound,
+            settings.outbox_maildir,
+            queued,
+        )
+    )
+    for outbox_id in queued:
+        status, error = results.get(outbox_id, ("?", ""))
+        shown = f"{status}: {error}" if error and status != "sent" else status
+        out.print(f"{outbox_id}: {shown}", markup=False)
+
+
+@cli.group()
+def contacts() -> None:
+    """Customer addresses, and whether mail reaches them."""
+
+
+@contacts.command("clear")
+@click.argument("address")
+@pass_context
+def contacts_clear(ctx: Context, address: str) -> None:
+    """Send to ADDRESS again after it bounced for good."""
+    cleared = sending.clear_undeliverable(ctx.parts.intake.session_factory, address)
+    if not cleared:
+        fail(f"{address} is not marked undeliverable", code=1)
+    out.print(
+        f"{address}: mail goes to it again "
+        "(failed rows stay failed; `intake outbox retry` sends them)",
+        markup=False,
+    )
 
 
 @cli.command()

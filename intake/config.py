@@ -155,6 +155,29 @@ class TicketSettings(Section):
     subject_prefix: str = "#"
     reopen_days: Annotated[int, Field(ge=0)] = 7
     acknowledge: bool = True
+    # Keys the MAC in reply addresses (support+<number>.<mac>@domain).
+    reply_secret: SecretStr = SecretStr("")
+    reply_secret_file: SecretFile | None = None
+
+    @model_validator(mode="after")
+    def _one_long_secret(self) -> TicketSettings:
+        if self.reply_secret_file and self.reply_secret.get_secret_value():
+            raise ValueError("give reply_secret or reply_secret_file, not both")
+        secret = self.reply_key
+        if secret and len(secret) < MIN_SECRET_CHARS:
+            raise ConfigError(
+                "tickets.reply_secret",
+                f"must be at least {MIN_SECRET_CHARS} characters "
+                "(openssl rand -hex 32 makes a good one)",
+            )
+        return self
+
+    @property
+    def reply_key(self) -> str:
+        """The reply secret, from the setting or its file; "" when unset."""
+        if self.reply_secret_file is not None:
+            return _read_secret(self.reply_secret_file)
+        return self.reply_secret.get_secret_value()
 
     @field_validator("subject_prefix")
     @classmethod
@@ -162,6 +185,29 @@ class TicketSettings(Section):
         if any(char in value for char in "[]"):
             raise ValueError("must not contain [ or ]; the token is [PREFIX1234]")
         return value
+
+
+MIN_SECRET_CHARS = 16
+
+
+class AgentSettings(Section):
+    """One ``[[agents]]`` table: a person who answers by replying to mail."""
+
+    name: Annotated[str, Field(min_length=1, max_length=200)]
+    email: str
+
+    @field_validator("email")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        return _addresses([value])[0]
+
+
+class LimitSettings(Section):
+    """Flood limits: past them, mail is stored but makes no ticket or reply."""
+
+    per_sender: Annotated[int, Field(ge=1)] = 10
+    per_ticket: Annotated[int, Field(ge=1)] = 10
+    window_minutes: Annotated[int, Field(ge=1)] = 10
 
 
 class ImapMailbox(Section):
@@ -395,11 +441,35 @@ class Settings(Section):
     checkin: CheckinSettings = Field(default_factory=CheckinSettings)
     targets: TargetSettings = Field(default_factory=TargetSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
+    agents: list[AgentSettings] = Field(default_factory=list)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
 
     @field_validator("owner_email")
     @classmethod
     def _owner_address(cls, value: str) -> str:
         return _addresses([value])[0] if value else value
+
+    @field_validator("agents")
+    @classmethod
+    def _distinct_agents(cls, value: list[AgentSettings]) -> list[AgentSettings]:
+        for what in ("email", "name"):
+            seen = [getattr(agent, what).casefold() for agent in value]
+            doubled = sorted({item for item in seen if seen.count(item) > 1})
+            if doubled:
+                raise ConfigError(f"agents.{what}", "must be unique", doubled)
+        return value
+
+    @model_validator(mode="after")
+    def _agents_need_a_secret(self) -> Settings:
+        # Agents get notifications whose reply address carries a MAC.
+        if self.agents and not self.tickets.reply_key:
+            raise ConfigError(
+                "tickets.reply_secret",
+                "is required when [[agents]] are set: it signs the reply "
+                "address of each notification (openssl rand -hex 32 makes one; "
+                "or reply_secret_file)",
+            )
+        return self
 
     @property
     def database_url(self) -> str:

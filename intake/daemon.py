@@ -13,9 +13,10 @@ import signal
 import socket
 from collections.abc import Awaitable, MutableMapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 
 from channels.imap import ImapChannel
 from channels.lmtp import DrainingLMTP, LmtpHandler
@@ -26,6 +27,7 @@ from intake.config import Settings, split_host_port
 from intake.health import Health, HttpListener, health_routes, make_app
 from intake.runner import StoreRunner
 from intake.sdnotify import Notifier, keep_alive, listen_sockets, watchdog_interval
+from notifier import resolution
 from notifier.compose import EmailComposer
 from notifier.outbox import OutboxWorker, make_sender
 from notifier.scheduler import Jobs, Scheduler
@@ -55,7 +57,12 @@ def prepare(settings: Settings, clock: Clock | None = None) -> Parts:
     upgrade(engine)
     session_factory = make_session_factory(engine)
     composer = EmailComposer(settings, clock)
-    intake = Intake(session_factory, clock, settings, composer)
+
+    def resolved(connection: Connection, ticket_id: int, now: datetime) -> object:
+        # An agent's #resolve sends the same note as `intake tickets resolve`.
+        return resolution.notify_resolved(connection, settings, clock, ticket_id, now)
+
+    intake = Intake(session_factory, clock, settings, composer, on_resolved=resolved)
 
     return Parts(settings, clock, engine, intake)
 

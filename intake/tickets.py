@@ -11,9 +11,19 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, insert, select, update
+from sqlalchemy import (
+    Connection,
+    bindparam,
+    case,
+    func,
+    insert,
+    literal,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 
+from store.models import UTCDateTime
 from store.tables import contacts, counters, events, messages, participants, tickets
 
 OPEN_STATUSES = ("open", "pending")
@@ -28,6 +38,9 @@ class TicketRef:
     status: str
     resolved_at: datetime | None
     customer_id: int
+    subject: str = ""
+    priority: str = "normal"
+    assignee_id: int | None = None
 
 
 REF_COLUMNS = (
@@ -36,6 +49,9 @@ REF_COLUMNS = (
     tickets.c.status,
     tickets.c.resolved_at,
     tickets.c.customer_id,
+    tickets.c.subject,
+    tickets.c.priority,
+    tickets.c.assignee_id,
 )
 # Built once; see the note in intake.accept.
 REF_BY_ID = select(*REF_COLUMNS).where(tickets.c.id == bindparam("id"))
@@ -147,7 +163,7 @@ def open_ticket(
         connection, ticket_id, "created", now, linked=linked.number if linked else None
     )
 
-    return TicketRef(ticket_id, number, "open", None, customer_id)
+    return TicketRef(ticket_id, number, "open", None, customer_id, subject)
 
 
 def touch(connection: Connection, ticket: TicketRef, now: datetime) -> None:
@@ -210,3 +226,65 @@ def is_participant(connection: Connection, ticket: TicketRef, address: str) -> b
         )
     )
     return listed is not None
+
+
+# -- changes an agent asks for (by command or on the command line) -----------
+
+
+def assign(
+    connection: Connection,
+    ticket: TicketRef,
+    agent_id: int | None,
+    now: datetime,
+    *,
+    actor: str,
+) -> None:
+    """Give the ticket to an agent, or to nobody with None."""
+    connection.execute(
+        update(tickets)
+        .where(tickets.c.id == ticket.id)
+        .values(assignee_id=agent_id, last_activity_at=now)
+    )
+    record(connection, ticket.id, "assigned", now, actor=actor, agent_id=agent_id)
+
+
+def set_priority(
+    connection: Connection, ticket: TicketRef, level: str, now: datetime, *, actor: str
+) -> None:
+    connection.execute(
+        update(tickets).where(tickets.c.id == ticket.id).values(priority=level)
+    )
+    record(connection, ticket.id, "priority", now, actor=actor, level=level)
+
+
+def set_due(
+    connection: Connection,
+    ticket: TicketRef,
+    due_at: datetime,
+    now: datetime,
+    *,
+    actor: str,
+) -> None:
+    """A due date set by hand; it replaces the priority's resolution target."""
+    connection.execute(
+        update(tickets).where(tickets.c.id == ticket.id).values(due_at=due_at)
+    )
+    record(connection, ticket.id, "due", now, actor=actor, due_at=due_at.isoformat())
+
+
+def answered(connection: Connection, ticket: TicketRef, now: datetime) -> None:
+    """An agent's reply went to the customer: the ticket waits on them now,
+    and the first such reply is the ticket's first response."""
+    connection.execute(
+        update(tickets)
+        .where(tickets.c.id == ticket.id)
+        .values(
+            first_response_at=func.coalesce(
+                tickets.c.first_response_at, literal(now, UTCDateTime())
+            ),
+            status=case(
+                (tickets.c.status == "open", "pending"), else_=tickets.c.status
+            ),
+            last_activity_at=now,
+        )
+    )

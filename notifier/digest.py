@@ -8,11 +8,15 @@ and ``digest_email`` wraps both into one multipart email for the outbox.
 
 from __future__ import annotations
 
+import bisect
+import contextlib
 import functools
-from collections.abc import Sequence
+import gc
+import itertools
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 from zoneinfo import ZoneInfo
 
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
@@ -94,9 +98,12 @@ def working_day_after(start: date, count: int, working: frozenset[int]) -> date:
     return day
 
 
-@dataclass(frozen=True, slots=True)
-class Row:
-    """One open ticket as the digest shows it; times already local text."""
+class Row(NamedTuple):
+    """One open ticket as the digest shows it; times already local text.
+
+    A named tuple: the digest builds one per open ticket, and a tuple is the
+    cheapest object to build.
+    """
 
     number: int
     status: str
@@ -115,6 +122,27 @@ class Row:
     overdue: bool
     last_activity: str
     waiting: str
+
+    # The HTML shows each of these in one cell, one value a line: every
+    # value written into HTML is escaped, and escaping per value is most of
+    # the cost of a large digest.
+
+    @property
+    def contact(self) -> str:
+        shown = (self.customer, self.company, self.email, self.phone)
+        return "\n".join(value for value in shown if value)
+
+    @property
+    def handling(self) -> str:
+        return f"{self.assignee}\n{self.status}, {self.priority}"
+
+    @property
+    def when_opened(self) -> str:
+        return f"{self.opened}\n{self.age} ago, by {self.channel}"
+
+    @property
+    def activity(self) -> str:
+        return f"{self.last_activity}\n{self.waiting}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,14 +192,15 @@ def build_digest(
     rows = []
     ages = [0] * len(AGE_BUCKETS)
     overdue = became_overdue = 0
-    for ticket in metrics.open_tickets(connection):
-        due = targets.due(ticket.opened_at, ticket.priority, ticket.due_at)
-        late_now = due <= now
-        overdue += late_now
-        became_overdue += late_now and due > since
-        age = now - ticket.opened_at
-        ages[_bucket(age)] += 1
-        rows.append(_row(ticket, due, late_now, age, zone))
+    with collector_paused():
+        for ticket in metrics.open_tickets(connection):
+            due = targets.due(ticket.opened_at, ticket.priority, ticket.due_at)
+            late_now = due <= now
+            overdue += late_now
+            became_overdue += late_now and due > since
+            age = now - ticket.opened_at
+            ages[_bucket(age)] += 1
+            rows.append(_row(ticket, due, late_now, age, zone))
 
     first_response = metrics.first_responses(connection, now - REPORT_WINDOW, now)
     resolution = metrics.resolutions(connection, now - REPORT_WINDOW, now)
@@ -197,11 +226,30 @@ def build_digest(
     )
 
 
+_BUCKET_BOUNDS = [upper for _, upper in AGE_BUCKETS if upper is not None]
+
+
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector while a digest is built.
+
+    A digest makes a few objects per ticket, and every few hundred new
+    objects the collector walks all those made so far: for 100,000 tickets
+    that is a sixth of the building and a third of the rendering. Reference
+    counting still frees everything; the collector resumes after.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def _bucket(age: timedelta) -> int:
-    for index, (_, upper) in enumerate(AGE_BUCKETS):
-        if upper is None or age < upper:
-            return index
-    raise AssertionError("the last bucket is open-ended")
+    """The index of the age bucket that ``age`` falls in."""
+    return bisect.bisect_right(_BUCKET_BOUNDS, age)
 
 
 def _buckets(counts: Sequence[int]) -> list[Bucket]:
@@ -218,9 +266,12 @@ def _buckets(counts: Sequence[int]) -> list[Bucket]:
 
 
 def _row(
-    ticket: Any, due: datetime, overdue: bool, age: timedelta, zone: ZoneInfo
+    ticket: metrics.OpenTicket,
+    due: datetime,
+    overdue: bool,
+    age: timedelta,
+    zone: ZoneInfo,
 ) -> Row:
-    shape = "%Y-%m-%d %H:%M"
     return Row(
         number=ticket.number,
         status=ticket.status,
@@ -233,36 +284,33 @@ def _row(
         email=ticket.email or "",
         phone=ticket.phone or "",
         assignee=ticket.assignee or "unassigned",
-        opened=ticket.opened_at.astimezone(zone).strftime(shape),
+        opened=_minute(ticket.opened_at, zone),
         age=duration(age),
-        due=due.astimezone(zone).strftime(shape),
+        due=_minute(due, zone),
         overdue=overdue,
-        last_activity=ticket.last_activity_at.astimezone(zone).strftime(shape),
-        waiting=_waiting(ticket.status, ticket.customer_at, ticket.agent_at),
+        last_activity=_minute(ticket.last_activity_at, zone),
+        waiting=_waiting(ticket.status, ticket.last_from),
     )
+
+
+def _minute(moment: datetime, zone: ZoneInfo) -> str:
+    """``2026-03-02 09:00`` in ``zone``; strftime costs several times as much."""
+    local = moment.astimezone(zone).replace(tzinfo=None)
+    return local.isoformat(" ", "minutes")
 
 
 def _excerpt(text: str) -> str:
     """The first few non-empty lines of a message, on one line."""
-    lines = []
-    for raw in text.splitlines():
-        line = raw.strip()
-        if line and not line.startswith(">"):
-            lines.append(line)
-            if len(lines) == EXCERPT_LINES:
-                break
-    shown = " / ".join(lines)
+    lines = (line for line in map(str.strip, text.splitlines()) if line)
+    own = (line for line in lines if not line.startswith(">"))
+    shown = " / ".join(itertools.islice(own, EXCERPT_LINES))
 
     return shown if len(shown) <= EXCERPT_CHARS else shown[: EXCERPT_CHARS - 1] + "…"
 
 
-def _waiting(
-    status: str, customer_at: datetime | None, agent_at: datetime | None
-) -> str:
+def _waiting(status: str, last_from: str | None) -> str:
     """Who owes the next message: us, or the customer."""
-    if status == "pending":
-        return "waiting on the customer"
-    if agent_at is not None and (customer_at is None or agent_at >= customer_at):
+    if status == "pending" or last_from == "out":
         return "waiting on the customer"
     return "waiting on us"
 
@@ -286,8 +334,9 @@ def duration(value: timedelta | float | None) -> str:
 def render(digest: Digest) -> tuple[str, str]:
     """The digest's plain-text and HTML parts."""
     values = {"d": digest, "duration": duration}
-    text = templates.get_template("digest.txt").render(values)
-    html = templates.get_template("digest.html").render(values)
+    with collector_paused():
+        text = templates.get_template("digest.txt").render(values)
+        html = templates.get_template("digest.html").render(values)
 
     return text, html
 
@@ -322,7 +371,7 @@ def overdue_email(
     clock: Clock,
     *,
     to: Sequence[Address],
-    ticket: Any,
+    ticket: metrics.OpenTicket,
     due: datetime,
 ) -> OutgoingEmail:
     """The one reminder an assignee gets when a ticket becomes overdue."""

@@ -4,6 +4,12 @@ Rows are claimed with ``FOR UPDATE SKIP LOCKED`` (PostgreSQL; SQLite's
 ``BEGIN IMMEDIATE`` serialises writers anyway) and carry a lease in
 ``next_attempt_at``, so a daemon that dies mid-send leaves the row to be taken
 up again when the lease runs out.
+
+A failed attempt waits exponentially longer (``retry_base_seconds`` doubled
+each time, at most six hours); after ``max_attempts``, or at once on a
+permanent refusal, the row is failed and shown by ``intake outbox list``
+until ``intake outbox retry`` puts it back in line. An address that bounced
+for good gets nothing until a person clears it (``intake contacts clear``).
 """
 
 from __future__ import annotations
@@ -21,13 +27,14 @@ from pathlib import Path
 from typing import Protocol
 
 import aiosmtplib
-from sqlalchemy import or_, select
+from sqlalchemy import func, or_, select
+from sqlalchemy.orm import Session
 
 from intake.clock import Clock
 from intake.config import OutboundSettings, RelaySettings
 from intake.runner import StoreRunner
 from store.engine import SessionFactory
-from store.models import Message, Outbox
+from store.models import ContactPoint, Message, Outbox
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +102,7 @@ class RelaySender:
     async def send(self, item: Claimed) -> None:
         relay = self.relay
         try:
-            await aiosmtplib.send(
+            refused, _ = await aiosmtplib.send(
                 item.raw,
                 sender=item.envelope_from,
                 recipients=item.recipients,
@@ -108,12 +115,38 @@ class RelaySender:
                 timeout=relay.timeout_seconds,
                 tls_context=ssl.create_default_context(),
             )
+        except aiosmtplib.SMTPRecipientsRefused as exc:
+            codes = [refusal.code for refusal in exc.recipients]
+            shown = "; ".join(
+                f"{r.recipient}: {r.code} {r.message}" for r in exc.recipients
+            )
+            raise SendError(
+                f"relay refused every recipient: {shown}",
+                permanent=all(code >= 500 for code in codes),
+            ) from exc
+        except (
+            aiosmtplib.SMTPAuthenticationError,
+            aiosmtplib.SMTPSenderRefused,
+            aiosmtplib.SMTPConnectResponseError,
+        ) as exc:
+            # Our settings or the relay's state, not this message: the next
+            # attempt may well work once a person fixes it.
+            raise SendError(f"relay answered {exc.code} {exc.message}") from exc
         except aiosmtplib.SMTPResponseException as exc:
             raise SendError(
                 f"relay answered {exc.code} {exc.message}", permanent=exc.code >= 500
             ) from exc
         except (aiosmtplib.SMTPException, OSError) as exc:
             raise SendError(f"relay {relay.host}:{relay.port}: {exc}") from exc
+
+        for recipient, response in refused.items():
+            log.warning(
+                "outbox=%s: relay refused %s: %s %s",
+                item.outbox_id,
+                recipient,
+                response.code,
+                response.message,
+            )
 
 
 def make_sender(settings: OutboundSettings, maildir: Path) -> Sender:
@@ -199,8 +232,15 @@ class OutboxWorker:
                 .limit(BATCH)
                 .with_for_update(skip_locked=True)
             ).all()
+            blocked = _undeliverable(
+                session, [r for row in rows for r in row.recipients]
+            )
             claimed = []
             for row in rows:
+                recipients = [r for r in row.recipients if r.lower() not in blocked]
+                if not recipients:
+                    self._hold_back(session, row, blocked)
+                    continue
                 row.status = "sending"
                 row.claimed_by = self.name
                 row.next_attempt_at = now + LEASE
@@ -212,13 +252,23 @@ class OutboxWorker:
                         outbox_id=row.id,
                         key=f"{int(row.created_at.timestamp())}.outbox-{row.id}",
                         envelope_from=row.envelope_from,
-                        recipients=list(row.recipients),
+                        recipients=recipients,
                         raw=raw or b"",
                         attempts=row.attempts,
                     )
                 )
 
         return claimed
+
+    def _hold_back(self, session: Session, row: Outbox, blocked: set[str]) -> None:
+        """Every recipient bounced for good before: nothing is sent."""
+        names = ", ".join(sorted(r for r in row.recipients if r.lower() in blocked))
+        row.status = "failed"
+        row.last_error = (
+            f"not sent: {names} bounced before; clear with `intake contacts clear`"
+        )
+        session.get_one(Message, row.message_pk).status = "failed"
+        log.warning("outbox=%s not sent: %s marked undeliverable", row.id, names)
 
     def _finish(self, item: Claimed, error: SendError | None) -> None:
         now = self.clock.now()
@@ -263,3 +313,89 @@ class OutboxWorker:
         """Exponential from the base, capped at six hours, with 10% jitter."""
         seconds = min(self.settings.retry_base_seconds * 2 ** (attempts - 1), 6 * 3600)
         return timedelta(seconds=seconds * random.uniform(0.9, 1.1))
+
+
+def _undeliverable(session: Session, addresses: list[str]) -> set[str]:
+    """Those of ``addresses`` that bounced for good, lower-cased."""
+    if not addresses:
+        return set()
+    found = session.scalars(
+        select(ContactPoint.value).where(
+            ContactPoint.kind == "email",
+            ContactPoint.value.in_(sorted(set(addresses))),
+            ContactPoint.undeliverable_at.is_not(None),
+        )
+    )
+    return {value.lower() for value in found}
+
+
+def retry(
+    session_factory: SessionFactory, clock: Clock, outbox_ids: list[int] | None
+) -> list[int]:
+    """Put failed rows back in line, ``outbox_ids`` or every failed one;
+    the ids queued again. Their attempts start over."""
+    now = clock.now()
+    with session_factory.begin() as session:
+        query = select(Outbox).where(Outbox.status == "failed").order_by(Outbox.id)
+        if outbox_ids is not None:
+            query = query.where(Outbox.id.in_(outbox_ids))
+        rows = session.scalars(query).all()
+        for row in rows:
+            row.status = "pending"
+            row.attempts = 0
+            row.next_attempt_at = now
+            row.claimed_by = ""
+            session.get_one(Message, row.message_pk).status = "queued"
+            log.info("outbox=%s queued again by hand (was: %s)", row.id, row.last_error)
+
+        return [row.id for row in rows]
+
+
+def clear_undeliverable(session_factory: SessionFactory, address: str) -> int:
+    """Let mail go to ``address`` again after a person checked it; the
+    number of contact points cleared (0 when it was not marked)."""
+    with session_factory.begin() as session:
+        found = session.scalars(
+            select(ContactPoint).where(
+                ContactPoint.kind == "email",
+                func.lower(ContactPoint.value) == address.strip().lower(),
+                ContactPoint.undeliverable_at.is_not(None),
+            )
+        ).all()
+        for contact in found:
+            contact.undeliverable_at = None
+            log.info("contacts: %s may receive mail again", contact.value)
+
+        return len(found)
+
+
+async def send_due(
+    session_factory: SessionFactory,
+    clock: Clock,
+    settings: OutboundSettings,
+    maildir: Path,
+    outbox_ids: list[int],
+) -> dict[int, tuple[str, str]]:
+    """Send every row that is due now, from this process; the status and
+    last error of each of ``outbox_ids`` afterwards.
+
+    For ``intake outbox retry`` without waiting for the daemon: a row is
+    claimed by one process only, so a running daemon and this never send
+    the same row twice.
+    """
+    store = StoreRunner(1)
+    worker = OutboxWorker(
+        session_factory, clock, settings, make_sender(settings, maildir), store
+    )
+
+    def outcome() -> dict[int, tuple[str, str]]:
+        with session_factory() as session:
+            rows = session.scalars(select(Outbox).where(Outbox.id.in_(outbox_ids)))
+            return {row.id: (row.status, row.last_error) for row in rows}
+
+    try:
+        while await worker.run_once():
+            pass
+        return await store(outcome)
+    finally:
+        store.shutdown()

@@ -35,9 +35,9 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime, tzinfo
-from typing import Any
+from typing import Any, NamedTuple
 
-from sqlalchemy import ColumnElement, Connection, and_, func, select
+from sqlalchemy import ColumnElement, Connection, and_, case, func, select
 from sqlalchemy.orm import aliased
 
 from store.models import (
@@ -376,80 +376,101 @@ def volume(
 # -- the digest -----------------------------------------------------------------
 
 
-def open_tickets(connection: Connection) -> list[Any]:
+class OpenTicket(NamedTuple):
+    """An open or pending ticket with what the digest shows of it."""
+
+    id: int
+    number: int
+    status: str
+    priority: str
+    channel: str
+    subject: str
+    opened_at: datetime
+    due_at: datetime | None
+    last_activity_at: datetime
+    customer: str
+    company: str
+    email: str | None
+    phone: str | None
+    assignee: str | None
+    assignee_email: str | None
+    excerpt: str | None
+    last_from: str  # who wrote last: "in" the customer, "out" an agent
+
+
+def open_tickets(connection: Connection) -> list[OpenTicket]:
     """Every open and pending ticket, oldest opened first, in one query.
 
-    Each row carries what the digest shows: the customer, the first email
-    and phone, the assignee, the first lines of the first customer message,
-    and when the customer and an agent last wrote.
+    The per-ticket parts (first email and phone, the first customer message,
+    who wrote last) are correlated subqueries answered from indexes;
+    grouping all messages instead grows faster than the number of tickets.
+    The rows are sorted here: the database would sort them wide, on disk.
     """
-    email = aliased(ContactPoint)
-    phone = aliased(ContactPoint)
     first = aliased(Message)
-    first_email = first_contact("email")
-    first_phone = first_contact("phone")
-    first_message = (
-        select(Message.ticket_id, func.min(Message.id).label("message_pk"))
-        .where(Message.direction == "in", Message.kind == "human")
-        .group_by(Message.ticket_id)
-        .subquery()
+    customer_wrote = and_(Message.direction == "in", Message.kind == "human")
+    # An agent's reply after the customer's last message (or after the
+    # opening, when the ticket came by phone): the customer's turn.
+    customer_at = _about_ticket(func.max(Message.received_at), customer_wrote)
+    agent_at = _about_ticket(func.max(Message.received_at), agent_reply())
+    last_from = case(
+        (agent_at > func.coalesce(customer_at, Ticket.opened_at), "out"), else_="in"
     )
-    last = (
-        select(
-            Message.ticket_id,
-            func.max(Message.received_at)
-            .filter(Message.direction == "in", Message.kind == "human")
-            .label("customer_at"),
-            func.max(Message.received_at).filter(agent_reply()).label("agent_at"),
-        )
-        .group_by(Message.ticket_id)
-        .subquery()
-    )
-
+    columns: dict[str, Any] = {
+        "id": Ticket.id,
+        "number": Ticket.number,
+        "status": Ticket.status,
+        "priority": Ticket.priority,
+        "channel": Ticket.channel,
+        "subject": Ticket.subject,
+        "opened_at": Ticket.opened_at,
+        "due_at": Ticket.due_at,
+        "last_activity_at": Ticket.last_activity_at,
+        "customer": Customer.name,
+        "company": Customer.company,
+        "email": first_contact("email"),
+        "phone": first_contact("phone"),
+        "assignee": Agent.name,
+        "assignee_email": Agent.email,
+        "excerpt": func.substr(first.text, 1, EXCERPT_CHARS),
+        "last_from": last_from,
+    }
     query = (
-        select(
-            Ticket.id,
-            Ticket.number,
-            Ticket.status,
-            Ticket.priority,
-            Ticket.channel,
-            Ticket.subject,
-            Ticket.opened_at,
-            Ticket.due_at,
-            Ticket.last_activity_at,
-            Customer.name.label("customer"),
-            Customer.company,
-            email.value.label("email"),
-            phone.value.label("phone"),
-            Agent.name.label("assignee"),
-            Agent.email.label("assignee_email"),
-            func.substr(first.text, 1, EXCERPT_CHARS).label("excerpt"),
-            last.c.customer_at,
-            last.c.agent_at,
-        )
+        select(*(columns[name].label(name) for name in OpenTicket._fields))
         .join(Customer, Customer.id == Ticket.customer_id)
         .outerjoin(Agent, Agent.id == Ticket.assignee_id)
-        .outerjoin(first_email, first_email.c.customer_id == Ticket.customer_id)
-        .outerjoin(email, email.id == first_email.c.contact_id)
-        .outerjoin(first_phone, first_phone.c.customer_id == Ticket.customer_id)
-        .outerjoin(phone, phone.id == first_phone.c.contact_id)
-        .outerjoin(first_message, first_message.c.ticket_id == Ticket.id)
-        .outerjoin(first, first.id == first_message.c.message_pk)
-        .outerjoin(last, last.c.ticket_id == Ticket.id)
+        .outerjoin(
+            first, first.id == _about_ticket(func.min(Message.id), customer_wrote)
+        )
         .where(Ticket.status.in_(OPEN))
-        .order_by(Ticket.opened_at, Ticket.number)
     )
+    rows = [OpenTicket._make(row) for row in connection.execute(query)]
+    rows.sort(key=lambda row: (row.opened_at, row.number))
 
-    return list(connection.execute(query))
+    return rows
+
+
+def _about_ticket(aggregate: Any, *conditions: ColumnElement[bool]) -> Any:
+    """``aggregate`` over the messages of the ticket in the outer query."""
+    return (
+        select(aggregate)
+        .where(Message.ticket_id == Ticket.id, *conditions)
+        .correlate(Ticket)
+        .scalar_subquery()
+    )
 
 
 def first_contact(kind: str) -> Any:
-    """Per customer, the first contact point of ``kind`` that was recorded."""
+    """The first recorded contact point of ``kind`` of the outer ticket's
+    customer."""
     return (
-        select(ContactPoint.customer_id, func.min(ContactPoint.id).label("contact_id"))
-        .where(ContactPoint.kind == kind)
-        .group_by(ContactPoint.customer_id)
-        .subquery()
+        select(ContactPoint.value)
+        .where(
+            ContactPoint.customer_id == Ticket.customer_id, ContactPoint.kind == kind
+        )
+        .order_by(ContactPoint.id)
+        .limit(1)
+        .correlate(Ticket)
+        .scalar_subquery()
     )
 
 
@@ -501,10 +522,6 @@ def recently_resolved(
 ) -> list[Any]:
     """Tickets resolved in [since, until) and still resolved, for the check-in:
     the customer's contact details, the assignee and any survey answer."""
-    email = aliased(ContactPoint)
-    phone = aliased(ContactPoint)
-    first_email = first_contact("email")
-    first_phone = first_contact("phone")
     query = (
         select(
             Ticket.id,
@@ -515,8 +532,8 @@ def recently_resolved(
             Ticket.resolved_at,
             Customer.name.label("customer"),
             Customer.company,
-            email.value.label("email"),
-            phone.value.label("phone"),
+            first_contact("email").label("email"),
+            first_contact("phone").label("phone"),
             Agent.name.label("assignee"),
             Survey.scale,
             Survey.score,
@@ -524,10 +541,6 @@ def recently_resolved(
         )
         .join(Customer, Customer.id == Ticket.customer_id)
         .outerjoin(Agent, Agent.id == Ticket.assignee_id)
-        .outerjoin(first_email, first_email.c.customer_id == Ticket.customer_id)
-        .outerjoin(email, email.id == first_email.c.contact_id)
-        .outerjoin(first_phone, first_phone.c.customer_id == Ticket.customer_id)
-        .outerjoin(phone, phone.id == first_phone.c.contact_id)
         .outerjoin(Survey, Survey.ticket_id == Ticket.id)
         .where(
             Ticket.status == "resolved",

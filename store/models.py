@@ -340,3 +340,40 @@ class Survey(Base):
     score: Mapped[int | None] = mapped_column(Integer)
     comment: Mapped[str] = mapped_column(Text, default="")
     answered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+# Answers the digest's and the report's per-ticket questions (first message,
+# last customer message, agent replies) from the index alone, never reading
+# the rows with their raw bytes.
+Index(
+    "ix_messages_ticket_kind",
+    Message.ticket_id,
+    Message.direction,
+    Message.kind,
+    Message.author,
+    Message.status,
+    Message.received_at,
+)
+
+
+class Flood(Base):
+    """A sender or a ticket past its message limit, warned about once.
+
+    A flood lasts while messages keep arriving over the limit; once its
+    ``last_at`` is a whole window old, the next message over starts a new one.
+    """
+
+    __tablename__ = "floods"
+    __table_args__ = (Index("ix_floods_scope_key", "scope", "key"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    scope: Mapped[str] = mapped_column(String(10))  # sender | ticket
+    key: Mapped[str] = mapped_column(String(320))  # the address, or the ticket id
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    last_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    messages: Mapped[int] = mapped_column(Integer, default=1)
+    warning_pk: Mapped[int | None] = mapped_column(ForeignKey("messages.id"))
+
+
+# The per-sender flood limit counts a sender's recent mail from this index.
+Index("ix_messages_sender_received", Message.sender, Message.received_at)

@@ -199,7 +199,7 @@ def stats(session: Session) -> dict[str, int]:
             .where(Quarantine.status == "held")
         ),
         "duplicates": count(select(Counter.value).where(Counter.name == "duplicates")),
-        "machine": count(inbound.where(Message.kind != "human")),
+        "machine": count(inbound.where(Message.kind.not_in(("human", "agent")))),
         "outbox_pending": count(
             select(func.count())
             .select_from(Outbox)

@@ -1,7 +1,7 @@
 """Shared fixtures: a store in a temporary directory, a frozen clock, mail
 builders, and a real daemon started as a child process on a free port.
 
-With ``INTAKE_TEST_STORE_URL`` set to a PostgreSQL server URL (any database
+With ``TEST_STORE_URL`` set to a PostgreSQL server URL (any database
 on it; ``postgres`` will do), every test gets a fresh database of its own on
 that server instead of a SQLite file, created before and dropped after it;
 tests about SQLite itself are marked ``sqlite_only`` and skipped.
@@ -36,7 +36,8 @@ from intake.daemon import Parts, prepare
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO.parent / "shared" / "corpus"
 START = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
-STORE_URL_ENV = "INTAKE_TEST_STORE_URL"
+# Not INTAKE_...: the settings would take that for an override of their own.
+STORE_URL_ENV = "TEST_STORE_URL"
 POSTGRES_DEFAULT = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 
 # The database of the running test when the suite runs on PostgreSQL; set

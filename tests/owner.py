@@ -4,17 +4,25 @@ times through the same domain functions the daemon uses."""
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from email import message_from_bytes, policy
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import Connection, func, insert, select, update
 
 from intake import tickets
 from intake.daemon import Parts
-from store.models import Agent, ContactPoint, Customer, Message, Survey, Ticket
+from store.models import (
+    Agent,
+    ContactPoint,
+    Counter,
+    Customer,
+    Message,
+    Survey,
+    Ticket,
+)
 from store.tables import messages
 from tests.conftest import write_config
 
@@ -206,14 +214,112 @@ class Story:
             )
         )
 
+    def many(self, count: int, now: datetime) -> None:
+        """``count`` open tickets aged up to 60 days, each with a customer,
+        an email (every other one a phone too) and a first message; every
+        third one answered by an agent. A few statements in all."""
+        agent = self.agent("Bulk Agent", f"bulk{count}@example.com")
+
+        def work(connection: Connection) -> None:
+            first = int(
+                connection.scalar(select(func.count()).select_from(Customer)) or 0
+            )
+            base = int(connection.scalar(select(func.max(Ticket.number))) or 0)
+            connection.execute(
+                insert(Customer),
+                [
+                    {
+                        "name": f"Customer {i}",
+                        "company": f"Company {i % 97}",
+                        "created_at": now,
+                    }
+                    for i in range(count)
+                ],
+            )
+            ids = list(
+                connection.scalars(
+                    select(Customer.id).order_by(Customer.id).offset(first)
+                )
+            )
+            contacts = [
+                {"customer_id": c, "kind": "email", "value": f"c{c}@customer.example"}
+                for c in ids
+            ] + [
+                {"customer_id": c, "kind": "phone", "value": f"+4930{c:07d}"}
+                for c in ids[::2]
+            ]
+            connection.execute(insert(ContactPoint), contacts)
+            ages = [
+                timedelta(minutes=(i * 7919) % (60 * 24 * 60)) for i in range(count)
+            ]
+            connection.execute(
+                insert(Ticket),
+                [
+                    {
+                        "number": base + i + 1,
+                        "subject": f"Order {i} has not arrived",
+                        "status": "open" if i % 5 else "pending",
+                        "priority": ("low", "normal", "high", "urgent")[i % 4],
+                        "channel": "email",
+                        "customer_id": customer,
+                        "assignee_id": agent if i % 2 else None,
+                        "opened_at": now - ages[i],
+                        "last_activity_at": now - ages[i] / 2,
+                        "reopen_count": 0,
+                    }
+                    for i, customer in enumerate(ids)
+                ],
+            )
+            connection.execute(
+                update(Counter)
+                .where(Counter.name == "ticket")
+                .values(value=base + count)
+            )
+            opened = connection.execute(
+                select(Ticket.id, Ticket.opened_at).where(Ticket.number > base)
+            ).all()
+            text = "Hello,\nmy order has not arrived.\nIt was due last week."
+            rows = []
+            for ticket_id, at in opened:
+                rows.append(
+                    self._row(
+                        ticket_id,
+                        at,
+                        direction="in",
+                        kind="human",
+                        author="customer",
+                        text=text,
+                    )
+                )
+                if ticket_id % 3 == 0:
+                    rows.append(
+                        self._row(
+                            ticket_id,
+                            at + timedelta(hours=2),
+                            direction="out",
+                            kind="reply",
+                            author="agent",
+                            agent_id=agent,
+                            status="sent",
+                            text="On its way.",
+                        )
+                    )
+            connection.execute(insert(messages), rows)
+
+        self._write(work)
+
     def _ref(self, connection: Connection, ticket_id: int) -> tickets.TicketRef:
         found = tickets.by_id(connection, ticket_id)
         assert found is not None
         return found
 
     def _message(
+        self, connection: Connection, ticket_id: int, at: datetime, **fields: Any
+    ) -> None:
+        connection.execute(insert(messages), [self._row(ticket_id, at, **fields)])
+
+    def _row(
         self,
-        connection: Connection,
         ticket_id: int,
         at: datetime,
         *,
@@ -225,29 +331,29 @@ class Story:
         channel: str = "email",
         agent_id: int | None = None,
         status: str = "stored",
-    ) -> None:
+    ) -> dict[str, Any]:
+        """A ``messages`` row with a Message-ID of its own."""
         self._serial += 1
-        connection.execute(
-            insert(messages).values(
-                ticket_id=ticket_id,
-                direction=direction,
-                channel=channel,
-                kind=kind,
-                author=author,
-                source="story",
-                agent_id=agent_id,
-                message_id=f"story-{self._serial}@customer.example",
-                sender=sender,
-                recipients=[],
-                subject="",
-                text=text,
-                raw=b"",
-                defects=[],
-                flags=[],
-                received_at=at,
-                status=status,
-            )
-        )
+        return {
+            "ticket_id": ticket_id,
+            "direction": direction,
+            "channel": channel,
+            "kind": kind,
+            "author": author,
+            "source": "story",
+            "agent_id": agent_id,
+            "message_id": f"story-{self._serial}@customer.example",
+            "content_hash": None,
+            "sender": sender,
+            "recipients": [],
+            "subject": "",
+            "text": text,
+            "raw": b"",
+            "defects": [],
+            "flags": [],
+            "received_at": at,
+            "status": status,
+        }
 
 
 def outgoing(parts: Parts, kind: str) -> list[EmailMessage]:

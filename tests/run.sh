@@ -44,7 +44,7 @@ if command -v pg_lsclusters >/dev/null; then
     done
 fi
 
-PG_URL=${INTAKE_TEST_STORE_URL:-postgresql+psycopg://postgres@127.0.0.1:5432/postgres}
+PG_URL=${TEST_STORE_URL:-postgresql+psycopg://postgres@127.0.0.1:5432/postgres}
 pg_answers() {
     # A server just started may take a few seconds to take connections.
     .venv/bin/python -c '
@@ -65,13 +65,13 @@ sys.exit(1)
 status=0
 start=$SECONDS
 echo "== pytest on SQLite"
-INTAKE_TEST_STORE_URL='' .venv/bin/python -m pytest "$@" || status=$?
+TEST_STORE_URL='' .venv/bin/python -m pytest "$@" || status=$?
 echo "== SQLite run: $((SECONDS - start)) s"
 
 start=$SECONDS
 if pg_answers; then
     echo "== pytest on PostgreSQL ($PG_URL)"
-    INTAKE_TEST_STORE_URL=$PG_URL .venv/bin/python -m pytest "$@" || status=$?
+    TEST_STORE_URL=$PG_URL .venv/bin/python -m pytest "$@" || status=$?
     echo "== PostgreSQL run: $((SECONDS - start)) s"
 elif [ "${CI:-}" = true ]; then
     echo "tests/run.sh: PostgreSQL at $PG_URL does not answer; CI needs it" >&2

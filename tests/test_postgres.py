@@ -1,8 +1,9 @@
 """Two daemons on one PostgreSQL database, mail arriving at both: every
-ticket number once, every outbox row sent once."""
+ticket number once, every outbox row sent once, one digest per period."""
 
 from __future__ import annotations
 
+import base64
 import smtplib
 import threading
 import time
@@ -16,9 +17,18 @@ import pytest
 from aiosmtpd.controller import Controller
 from sqlalchemy import create_engine, text
 
+from channels.email import receive
+from intake.daemon import Parts
+from store import queries
 from tests.conftest import DaemonProcess, crlf, free_port, make_mail, write_config
 
-pytestmark = pytest.mark.slow
+
+def queries_ticket(parts: Parts, number: int) -> dict[str, Any]:
+    with parts.intake.session_factory() as session:
+        found = queries.ticket(session, number)
+    assert found is not None
+    return found
+
 
 SENDERS_PER_DAEMON = 3
 PER_SENDER = 25
@@ -63,6 +73,9 @@ def two_daemons(
             store={"url": postgres_url},
             smtp={"listen": f"127.0.0.1:{port}", "domains": ["example.com"]},
             outbound={"poll_seconds": 0.2},
+            # Today's digest is due when they start: each daemon's scheduler
+            # tries to send it, and the database lets one of them.
+            digest={"at": "00:00", "every": "day", "timezone": "UTC"},
             **{
                 "outbound.relay": {
                     "host": "127.0.0.1",
@@ -71,7 +84,14 @@ def two_daemons(
                 }
             },
         )
-        daemons.append(DaemonProcess(config, port, directory / "daemon.log"))
+        daemons.append(
+            DaemonProcess(
+                config,
+                port,
+                directory / "daemon.log",
+                env={"INTAKE_OWNER_EMAIL": '"owner@example.com"'},
+            )
+        )
 
     # Started together on an empty database: both migrate, one waits.
     starters = [threading.Thread(target=daemon.start) for daemon in daemons]
@@ -90,7 +110,7 @@ def send_batch(port: int, sender: int, failures: list[str]) -> None:
         with smtplib.SMTP("127.0.0.1", port, timeout=60) as client:
             for n in range(PER_SENDER):
                 raw = make_mail(
-                    sender=f"C {sender} <c{port}.{sender}@customer.example>",
+                    sender=f"C {sender} <c{port}.{sender}.{n}@customer.example>",
                     subject=f"Question {n}",
                     message_id=f"<pg-{port}-{sender}-{n}@customer.example>",
                 )
@@ -110,6 +130,7 @@ def rows(url: str, sql: str) -> list[tuple[Any, ...]]:
         engine.dispose()
 
 
+@pytest.mark.slow
 def test_two_daemons_share_one_database_without_doubling_anything(
     two_daemons: list[DaemonProcess],
     postgres_url: str,
@@ -147,8 +168,34 @@ def test_two_daemons_share_one_database_without_doubling_anything(
         "select m.message_id, o.status, o.claimed_by from outbox o "
         "join messages m on m.id = o.message_pk",
     )
-    assert len(sent) == expected  # one acknowledgement per ticket
+    kinds = Counter(
+        row[0]
+        for row in rows(
+            postgres_url,
+            "select m.kind from outbox o join messages m on m.id = o.message_pk",
+        )
+    )
+    assert kinds["digest"] == 1
+    assert len(sent) == expected + 1  # an acknowledgement per ticket, one digest
     assert {status for _, status, _ in sent} == {"sent"}
     assert recorder.received == Counter({message_id: 1 for message_id, _, _ in sent})
     # Both outbox workers took part, each row claimed by one of them.
     assert len({claimed_by for _, _, claimed_by in sent}) == 2
+
+
+@pytest.mark.usefixtures("store_backend")
+def test_a_nul_character_in_a_body_is_stored_on_either_backend(parts: Parts) -> None:
+    # PostgreSQL's text type refuses NUL; base64 can carry one all the same.
+    raw = (
+        b"From: Ann <ann@customer.example>\r\nTo: support@example.com\r\n"
+        b"Subject: odd\r\nMessage-ID: <nul@customer.example>\r\n"
+        b"Content-Type: text/plain\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+        + base64.b64encode(b"before\x00after")
+        + b"\r\n"
+    )
+
+    outcome = receive(parts.intake, raw, source="test")
+
+    assert outcome.status == "created"
+    shown = queries_ticket(parts, outcome.ticket_number or 0)
+    assert "before\ufffdafter" in shown["messages"][0]["text"]

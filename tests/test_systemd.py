@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from intake.config import load_settings, split_host_port
+from intake.errors import ConfigError
 from intake.sdnotify import Notifier, listen_sockets, watchdog_interval
 from tests.conftest import (
     REPO,
@@ -422,3 +423,39 @@ def test_sigterm_under_smtp_load_stores_every_accepted_message_once(
     # Senders were told to come back later, never that their mail failed.
     assert set(refusals) <= {"421", "SMTPServerDisconnected", "ConnectionResetError"}
     assert "421" in refusals or "SMTPServerDisconnected" in refusals
+
+
+# -- secrets from LoadCredential= ------------------------------------------------
+
+
+def relay_with_password_file(tmp_path: Path, name: str) -> Path:
+    path = tmp_path / "intake.toml"
+    path.write_text(
+        '[outbound.relay]\nhost = "smtp.example.com"\n'
+        f'username = "support@example.com"\npassword_file = "{name}"\n'
+    )
+    return path
+
+
+def test_a_relative_password_file_is_read_from_the_credentials_directory(
+    tmp_path: Path,
+) -> None:
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    (credentials / "relay-password").write_text("from-systemd\n")
+    path = relay_with_password_file(tmp_path, "relay-password")
+
+    settings = load_settings(path, environ={"CREDENTIALS_DIRECTORY": str(credentials)})
+
+    assert settings.outbound.relay is not None
+    assert settings.outbound.relay.password.get_secret_value() == "from-systemd"
+
+
+def test_a_missing_credential_names_the_setting_and_the_file(tmp_path: Path) -> None:
+    path = relay_with_password_file(tmp_path, "relay-password")
+
+    with pytest.raises(ConfigError) as error:
+        load_settings(path, environ={"CREDENTIALS_DIRECTORY": str(tmp_path / "none")})
+
+    assert error.value.setting == "outbound.relay"
+    assert "relay-password" in str(error.value)

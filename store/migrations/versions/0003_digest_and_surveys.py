@@ -1,4 +1,4 @@
-"""scheduled sends done once, and resolution surveys
+"""scheduled sends done once, resolution surveys, an index for the digest
 
 Revision ID: 0003
 Revises: 0002
@@ -65,8 +65,15 @@ def upgrade() -> None:
         sa.UniqueConstraint("ticket_id", name=op.f("uq_surveys_ticket_id")),
     )
 
+    op.create_index(
+        "ix_messages_ticket_kind",
+        "messages",
+        ["ticket_id", "direction", "kind", "author", "status", "received_at"],
+    )
+
 
 def downgrade() -> None:
+    op.drop_index("ix_messages_ticket_kind", table_name="messages")
     op.drop_table("surveys")
     op.drop_index(op.f("ix_schedule_runs_ticket_id"), table_name="schedule_runs")
     op.drop_table("schedule_runs")
