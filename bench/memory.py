@@ -1,8 +1,10 @@
 """Memory: the daemon's RSS idle, after one 25 MB message, with 500 idle
 SMTP connections open. VmRSS and VmHWM come from /proc/PID/status.
 
-Goals: idle <= 80 MB; growth for one message <= 4x its size (the peak,
-VmHWM, above the idle RSS); 500 idle connections <= +50 MB.
+The connections come first (each said EHLO, then nothing), then the
+message, so that neither hides in room the other freed. Goals: idle <= 80 MB;
+500 idle connections <= +50 MB (VmRSS with them open, over idle); growth for
+one message <= 4x its size (the peak, VmHWM, over the VmRSS just before).
 """
 
 from __future__ import annotations
@@ -76,20 +78,23 @@ def main() -> None:
         time.sleep(SETTLE)
         idle = memory(pid)
 
-        with smtplib.SMTP("127.0.0.1", intake.port, timeout=300) as client:
-            client.sendmail("big@customer.example", [SUPPORT], raw)
-        time.sleep(SETTLE)
-        after_message = memory(pid)
-
-        before = memory(pid)
+        # Connections first: after the big message the heap has free room
+        # that would hide what they cost.
         opened = idle_connections(intake.port, count)
         time.sleep(SETTLE)
         with_connections = memory(pid)
         for sock in opened:
             sock.close()
+        time.sleep(SETTLE)
+        before = memory(pid)
 
-    growth = after_message["VmHWM"] - idle["VmRSS"]
-    added = with_connections["VmRSS"] - before["VmRSS"]
+        with smtplib.SMTP("127.0.0.1", intake.port, timeout=300) as client:
+            client.sendmail("big@customer.example", [SUPPORT], raw)
+        time.sleep(SETTLE)
+        after_message = memory(pid)
+
+    growth = after_message["VmHWM"] - before["VmRSS"]
+    added = with_connections["VmRSS"] - idle["VmRSS"]
     print_table(
         f"daemon memory (MB = 10^6 bytes), pid {pid}",
         ("state", "VmRSS", "VmHWM", "measure", "goal"),
@@ -102,18 +107,18 @@ def main() -> None:
                 "<= 80 MB",
             ),
             (
-                f"after one {len(raw) / MB:.1f} MB message",
-                after_message["VmRSS"],
-                after_message["VmHWM"],
-                f"peak +{growth:.1f} MB = x{growth / (len(raw) / MB):.2f}",
-                "<= x4",
-            ),
-            (
                 f"{len(opened)} idle SMTP connections",
                 with_connections["VmRSS"],
                 with_connections["VmHWM"],
                 f"+{added:.1f} MB",
                 "<= +50 MB",
+            ),
+            (
+                f"after one {len(raw) / MB:.1f} MB message",
+                after_message["VmRSS"],
+                after_message["VmHWM"],
+                f"peak +{growth:.1f} MB = x{growth / (len(raw) / MB):.2f}",
+                "<= x4",
             ),
         ],
     )

@@ -143,8 +143,9 @@ def run(ctx: Context) -> None:
         asyncio.run(Daemon(parts).run())
     except OSError as exc:
         fail(
-            f"cannot start: {exc} (is [smtp] listen = "
-            f"{parts.settings.smtp.listen!r} free?)",
+            f"cannot start: {exc} (are [smtp] listen = "
+            f"{parts.settings.smtp.listen!r} and [http] listen = "
+            f"{parts.settings.http.listen!r} free?)",
             code=1,
         )
 
@@ -268,7 +269,7 @@ def tickets_show(ctx: Context, number: int, as_json: bool) -> None:
 @click.argument("number", type=int)
 @pass_context
 def tickets_resolve(ctx: Context, number: int) -> None:
-    """Mark a ticket resolved."""
+    """Resolve a ticket; the customer gets the resolution note (and survey)."""
     parts = ctx.parts
 
     def work(session: Session) -> bool:
@@ -579,7 +580,7 @@ def migrate_to(ctx: Context, url: str) -> None:
     """Copy every row into the database at URL (migrated first), verified
     by counts. Stop the daemon first."""
     settings = ctx.load()
-    ctx.mask.hide(settings_secrets(settings.model_copy(update={})) + _url_secret(url))
+    ctx.mask.hide(_url_secret(url))  # the new database's password, too
     copied = ops.migrate_to(settings.database_url, url)
     table = Table("table", "source rows", "copied rows", title="copied, counts match")
     for row in copied:

@@ -102,30 +102,48 @@ class Health:
     def _outbox(
         self, session: Any, now: datetime, problems: list[str]
     ) -> dict[str, Any]:
+        """Behind when a due send was never tried for a while (the worker is
+        stuck) or a send keeps failing for a while (the relay is down)."""
         waiting = (Outbox.status == "pending") | (Outbox.status == "sending")
         counts = dict(
             session.execute(
                 select(Outbox.status, func.count()).group_by(Outbox.status)
             ).all()
         )
-        oldest_due = session.scalar(
-            select(func.min(Outbox.next_attempt_at)).where(waiting)
+        untried = session.scalar(
+            select(func.min(Outbox.next_attempt_at)).where(
+                waiting, Outbox.attempts == 0
+            )
         )
-        late = 0.0
-        if oldest_due is not None:
-            late = max(0.0, (now - oldest_due).total_seconds())
-        ok = late <= self.outbox_late.total_seconds()
-        if not ok:
+        retried = session.execute(
+            select(Outbox.created_at, Outbox.attempts, Outbox.last_error)
+            .where(waiting, Outbox.attempts > 0)
+            .order_by(Outbox.created_at)
+            .limit(1)
+        ).first()
+
+        late = _seconds_since(untried, now)
+        failing = _seconds_since(retried.created_at if retried else None, now)
+        limit = self.outbox_late.total_seconds()
+        if late > limit:
             problems.append(
-                f"outbox: a send is {int(late)} s overdue; is the relay reachable?"
+                f"outbox: a due send has waited {int(late)} s without a try; "
+                "is the outbox worker running?"
+            )
+        if retried is not None and failing > limit:
+            problems.append(
+                f"outbox: a send has failed for {int(failing)} s "
+                f"({retried.attempts} attempts, last: {retried.last_error}); "
+                "is the relay reachable?"
             )
 
         return {
-            "ok": ok,
+            "ok": late <= limit and failing <= limit,
             "backlog": int(counts.get("pending", 0)) + int(counts.get("sending", 0)),
             "failed": int(counts.get("failed", 0)),
             "sent": int(counts.get("sent", 0)),
-            "overdue_seconds": int(late),
+            "oldest_untried_seconds": int(late),
+            "oldest_retried_seconds": int(failing),
         }
 
     def _mailboxes(
@@ -161,6 +179,10 @@ class Health:
             )
 
         return found
+
+
+def _seconds_since(moment: datetime | None, now: datetime) -> float:
+    return 0.0 if moment is None else max(0.0, (now - moment).total_seconds())
 
 
 def _iso(value: datetime | None) -> str | None:

@@ -14,17 +14,15 @@ import re
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import Connection, Table, select, update
+from sqlalchemy import Connection, select, update
 
 from intake import tickets
-from store.models import Base, Survey
+from store.models import Survey
 
 log = logging.getLogger(__name__)
 
 SCALES: dict[str, range] = {"csat": range(1, 6), "nps": range(0, 11)}
 COMMENT_LIMIT = 2000
-
-_surveys: Table = Base.metadata.tables[Survey.__tablename__]
 
 # "7", "7.", "7!", "(7)", "7/10": the number, then an optional "/<top>".
 _SCORE = re.compile(r"\(?(\d{1,2})(?:/(\d{1,2}))?\)?[.,;:!]*")
@@ -95,8 +93,8 @@ def take_answer(
     one is kept as a message and changes nothing.
     """
     survey = connection.execute(
-        select(_surveys.c.id, _surveys.c.scale, _surveys.c.answered_at).where(
-            _surveys.c.ticket_id == ticket_id
+        select(Survey.id, Survey.scale, Survey.answered_at).where(
+            Survey.ticket_id == ticket_id
         )
     ).first()
     if survey is None:
@@ -110,8 +108,8 @@ def take_answer(
         return True
 
     connection.execute(
-        update(_surveys)
-        .where(_surveys.c.id == survey.id, _surveys.c.answered_at.is_(None))
+        update(Survey)
+        .where(Survey.id == survey.id, Survey.answered_at.is_(None))
         .values(score=answer.score, comment=answer.comment, answered_at=now)
     )
     tickets.record(

@@ -34,6 +34,9 @@ KNOWN_IDS = (
     select(messages.c.message_id, *REF_COLUMNS)
     .select_from(messages.outerjoin(tickets, tickets.c.id == messages.c.ticket_id))
     .where(messages.c.message_id.in_(bindparam("ids", expanding=True)))
+    # Oldest first, so that when a sender reused a Message-ID the newest
+    # message carrying it decides, the same way every time.
+    .order_by(messages.c.id)
 )
 # Steps that prove the sender was sent something of that ticket's.
 PROVEN = frozenset({"headers", "reply-address"})

@@ -19,7 +19,13 @@ from datetime import date, datetime, timedelta
 from typing import Any, NamedTuple
 from zoneinfo import ZoneInfo
 
-from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
+from jinja2 import (
+    Environment,
+    PackageLoader,
+    StrictUndefined,
+    Template,
+    select_autoescape,
+)
 from sqlalchemy import Connection
 
 from intake.accept import OutgoingEmail
@@ -44,6 +50,7 @@ AGE_BUCKETS: tuple[tuple[str, timedelta | None], ...] = (
     ("over 4 weeks", None),
 )
 TEXT_BAR = 30  # characters of the widest bar in the text part
+RENDER_CHUNK = 2000  # template output pieces joined at a time
 
 templates = Environment(
     loader=PackageLoader("notifier", "templates"),
@@ -84,6 +91,20 @@ class Targets:
         day = working_day_after(local.date(), span.business_days, self.working)
         # The same wall-clock time on that day; zoneinfo settles DST gaps.
         return datetime.combine(day, local.time(), self.zone)
+
+    def longest(self) -> timedelta:
+        """At least the longest time any priority's target can take.
+
+        Every seven days hold each working day once, so n business days take
+        at most 7 × ceil(n / working days a week) days; one day more covers
+        the time of day and DST.
+        """
+        longest = timedelta(0)
+        for span in self.spans.values():
+            weeks = -(-span.business_days // len(self.working))
+            longest = max(longest, span.clock, timedelta(days=7 * weeks + 1))
+
+        return longest
 
 
 @functools.lru_cache(maxsize=4096)
@@ -155,7 +176,6 @@ class Bucket:
 
 @dataclass(frozen=True, slots=True)
 class Digest:
-    business: str
     zone: str
     now: datetime
     scheduled_for: datetime | None  # None: sent by hand
@@ -207,7 +227,6 @@ def build_digest(
     counts = metrics.counts_since(connection, since)
 
     return Digest(
-        business=settings.outbound.from_name,
         zone=settings.digest.timezone,
         now=now,
         scheduled_for=scheduled_for,
@@ -335,10 +354,18 @@ def render(digest: Digest) -> tuple[str, str]:
     """The digest's plain-text and HTML parts."""
     values = {"d": digest, "duration": duration}
     with collector_paused():
-        text = templates.get_template("digest.txt").render(values)
-        html = templates.get_template("digest.html").render(values)
+        text = _render(templates.get_template("digest.txt"), values)
+        html = _render(templates.get_template("digest.html"), values)
 
     return text, html
+
+
+def _render(template: Template, values: dict[str, Any]) -> str:
+    """``template.render``, joining the output in chunks as it comes: a
+    whole join would first hold every small piece, dozens per ticket."""
+    stream = template.stream(values)
+    stream.enable_buffering(RENDER_CHUNK)
+    return "".join(stream)
 
 
 def subject(digest: Digest) -> str:

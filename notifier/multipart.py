@@ -11,6 +11,7 @@ about a second for a digest of 10,000 tickets, one call per line.
 from __future__ import annotations
 
 import binascii
+import io
 import secrets
 from collections.abc import Sequence
 from email.header import Header
@@ -21,6 +22,8 @@ from intake.clock import Clock
 from intake.config import Settings
 from intake.domain import Address
 from notifier.compose import LOOP_HEADER
+
+QP_SLICE = 1 << 20  # characters of a body encoded at a time
 
 
 def compose_email(
@@ -89,25 +92,26 @@ def _serialise(headers: list[tuple[str, str]], text: str, html: str | None) -> b
 
     Bodies are UTF-8 quoted-printable, so no line is too long for SMTP and a
     boundary starting with ``=_`` can never occur in them (quoted-printable
-    writes every ``=`` as ``=3D``).
+    writes every ``=`` as ``=3D``). They are encoded a slice at a time into
+    one buffer: a digest can be tens of megabytes.
     """
+    out = io.BytesIO()
     head = [f"{name}: {value}" for name, value in headers]
     head.append("MIME-Version: 1.0")
     if html is None:
-        head += _part_headers("plain")
-        return _lines(head) + b"\r\n" + _quoted_printable(text)
+        _write_lines(out, [*head, *_part_headers("plain"), ""])
+        _write_quoted_printable(out, text)
+        return out.getvalue()
 
     boundary = f"=_{secrets.token_hex(16)}"
     head.append(f'Content-Type: multipart/alternative; boundary="{boundary}"')
-    parts = [
-        _lines([f"--{boundary}", *_part_headers(subtype)])
-        + b"\r\n"
-        + _quoted_printable(content)
-        + b"\r\n"
-        for subtype, content in (("plain", text), ("html", html))
-    ]
+    _write_lines(out, [*head, ""])
+    for subtype, content in (("plain", text), ("html", html)):
+        _write_lines(out, [f"--{boundary}", *_part_headers(subtype), ""])
+        _write_quoted_printable(out, content)
+    _write_lines(out, [f"--{boundary}--"])
 
-    return b"".join([_lines(head), b"\r\n", *parts, f"--{boundary}--\r\n".encode()])
+    return out.getvalue()
 
 
 def _part_headers(subtype: str) -> list[str]:
@@ -117,15 +121,25 @@ def _part_headers(subtype: str) -> list[str]:
     ]
 
 
-def _lines(lines: list[str]) -> bytes:
-    return "".join(f"{line}\r\n" for line in lines).encode("utf-8")
+def _write_lines(out: io.BytesIO, lines: list[str]) -> None:
+    out.write("".join(f"{line}\r\n" for line in lines).encode("utf-8"))
 
 
-def _quoted_printable(content: str) -> bytes:
-    plain = content.replace("\r\n", "\n").replace("\r", "\n").encode("utf-8")
-    encoded = binascii.b2a_qp(plain, istext=True)
+def _write_quoted_printable(out: io.BytesIO, content: str) -> None:
+    """``content`` as UTF-8 quoted-printable lines ending in CRLF.
 
-    return encoded.replace(b"\n", b"\r\n")
+    Quoted-printable encodes line by line, so slices cut at line ends encode
+    the same as the whole. b2a_qp ends lines (soft breaks too) the way its
+    input's first line ends, so each slice goes in with CRLF line ends.
+    """
+    plain = content.replace("\r\n", "\n").replace("\r", "\n")
+    start = 0
+    while start < len(plain):
+        end = plain.find("\n", start + QP_SLICE)
+        end = len(plain) if end == -1 else end + 1
+        piece = plain[start:end].removesuffix("\n").replace("\n", "\r\n")
+        out.write(binascii.b2a_qp(f"{piece}\r\n".encode(), istext=True))
+        start = end
 
 
 def _text(value: str, wide: bool) -> str:

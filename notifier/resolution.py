@@ -11,30 +11,18 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
-from sqlalchemy import Connection, Table, insert, select
+from sqlalchemy import Connection, insert, select
 
 from intake.accept import OutgoingEmail, enqueue_email
 from intake.clock import Clock
 from intake.config import Settings
 from intake.domain import Address
 from notifier.compose import ticket_token
-from notifier.digest import duration
+from notifier.digest import duration, templates
 from notifier.multipart import compose_email
-from store.models import Base, ContactPoint, Customer, Message, Outbox, Survey, Ticket
+from store.models import ContactPoint, Customer, Message, Outbox, Survey, Ticket
 
 log = logging.getLogger(__name__)
-
-_surveys: Table = Base.metadata.tables[Survey.__tablename__]
-
-templates = Environment(
-    loader=PackageLoader("notifier", "templates"),
-    autoescape=select_autoescape(["html"]),
-    undefined=StrictUndefined,
-    trim_blocks=True,
-    lstrip_blocks=True,
-    keep_trailing_newline=True,
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +80,7 @@ def notify_resolved(
             select(Outbox.message_pk).where(Outbox.id == outbox_id)
         )
         connection.execute(
-            insert(_surveys).values(
+            insert(Survey).values(
                 ticket_id=ticket_id,
                 scale=survey,
                 asked_at=now,

@@ -34,11 +34,9 @@ from notifier import resolution
 from notifier.outbox import OutboxWorker, make_sender
 from store import metrics
 from store.engine import SessionFactory
-from store.models import Agent, Base, Outbox, ScheduleRun
+from store.models import Agent, Outbox, ScheduleRun
 
 log = logging.getLogger(__name__)
-
-_runs = Base.metadata.tables[ScheduleRun.__tablename__]
 
 # A digest sent more than this after its time says that it is late.
 LATE_AFTER = timedelta(minutes=10)
@@ -160,7 +158,7 @@ def claim(
         with connection.begin_nested():
             return int(
                 connection.execute(
-                    insert(_runs).returning(_runs.c.id),
+                    insert(ScheduleRun).returning(ScheduleRun.id),
                     {
                         "kind": kind,
                         "key": key,
@@ -177,7 +175,7 @@ def claim(
 
 def last_period(connection: Connection) -> date | None:
     key = connection.scalar(
-        select(func.max(_runs.c.key)).where(_runs.c.kind == "digest")
+        select(func.max(ScheduleRun.key)).where(ScheduleRun.kind == "digest")
     )
     return date.fromisoformat(key) if key else None
 
@@ -205,8 +203,8 @@ def _enqueue(
     if run_id is not None:
         message_pk = select(Outbox.message_pk).where(Outbox.id == outbox_id)
         connection.execute(
-            update(_runs)
-            .where(_runs.c.id == run_id)
+            update(ScheduleRun)
+            .where(ScheduleRun.id == run_id)
             .values(message_pk=message_pk.scalar_subquery())
         )
 
@@ -348,13 +346,20 @@ class Jobs:
 
         with self.session_factory.begin() as session:
             connection = session.connection()
-            everyone: list[Address] | None = None
-            for ticket in metrics.open_tickets(connection):
-                due = targets.due(ticket.opened_at, ticket.priority, ticket.due_at)
-                if not now - REMINDER_CATCH_UP < due <= now:
-                    continue
-                if everyone is None:
-                    everyone = self._everyone(connection)
+            opened_since = now - targets.longest() - REMINDER_CATCH_UP
+            dues = {}
+            for ticket_id, priority, opened_at, due_at in metrics.due_candidates(
+                connection, opened_since
+            ):
+                due = targets.due(opened_at, priority, due_at)
+                if now - REMINDER_CATCH_UP < due <= now:
+                    dues[ticket_id] = due
+            if not dues:
+                return 0
+
+            everyone = self._everyone(connection)
+            for ticket in metrics.open_tickets(connection, ids=dues):
+                due = dues[ticket.id]
                 to = (
                     [Address(ticket.assignee or "", ticket.assignee_email)]
                     if ticket.assignee_email
@@ -395,9 +400,17 @@ class Jobs:
 
         return [Address("", owner)] if owner else []
 
+    def each(self) -> list[tuple[str, Callable[[], int]]]:
+        """Every job by name, each one transaction of its own."""
+        return [
+            ("digest", self.digest_if_due),
+            ("check-ins", self.checkins),
+            ("reminders", self.reminders),
+        ]
+
     def everything_due(self) -> int:
-        """Every job once: on start, and on each tick as a safety net."""
-        return self.digest_if_due() + self.checkins() + self.reminders()
+        """Every job once, as the daemon's start and each tick run them."""
+        return sum(work() for _, work in self.each())
 
 
 # -- APScheduler in the daemon's loop ---------------------------------------------
@@ -473,7 +486,9 @@ class Scheduler:
         await self._run("digest", self.jobs.digest_if_due)
 
     async def _tick(self) -> None:
-        await self._run("tick", self.jobs.everything_due)
+        # One by one, so that a job that fails leaves the others to run.
+        for name, work in self.jobs.each():
+            await self._run(name, work)
 
     async def _run(self, name: str, work: Callable[[], int]) -> None:
         try:

@@ -32,12 +32,12 @@ from __future__ import annotations
 
 import statistics
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime, tzinfo
 from typing import Any, NamedTuple
 
-from sqlalchemy import ColumnElement, Connection, and_, case, func, select
+from sqlalchemy import ColumnElement, Connection, Row, and_, case, func, or_, select
 from sqlalchemy.orm import aliased
 
 from store.models import (
@@ -398,8 +398,11 @@ class OpenTicket(NamedTuple):
     last_from: str  # who wrote last: "in" the customer, "out" an agent
 
 
-def open_tickets(connection: Connection) -> list[OpenTicket]:
-    """Every open and pending ticket, oldest opened first, in one query.
+def open_tickets(
+    connection: Connection, ids: Collection[int] | None = None
+) -> list[OpenTicket]:
+    """Every open and pending ticket (or those of ``ids``), oldest opened
+    first, in one query.
 
     The per-ticket parts (first email and phone, the first customer message,
     who wrote last) are correlated subqueries answered from indexes;
@@ -443,10 +446,27 @@ def open_tickets(connection: Connection) -> list[OpenTicket]:
         )
         .where(Ticket.status.in_(OPEN))
     )
+    if ids is not None:
+        query = query.where(Ticket.id.in_(ids))
     rows = [OpenTicket._make(row) for row in connection.execute(query)]
     rows.sort(key=lambda row: (row.opened_at, row.number))
 
     return rows
+
+
+def due_candidates(
+    connection: Connection, opened_since: datetime
+) -> list[Row[int, str, datetime, datetime | None]]:
+    """(id, priority, opened at, due at) of the open tickets opened since
+    ``opened_since`` or with a due date: those that may have come due."""
+    rows = connection.execute(
+        select(Ticket.id, Ticket.priority, Ticket.opened_at, Ticket.due_at).where(
+            Ticket.status.in_(OPEN),
+            or_(Ticket.opened_at >= opened_since, Ticket.due_at.is_not(None)),
+        )
+    )
+
+    return list(rows)
 
 
 def _about_ticket(aggregate: Any, *conditions: ColumnElement[bool]) -> Any:

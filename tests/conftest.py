@@ -28,6 +28,7 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.pool import NullPool
 
 from intake.clock import FrozenClock
 from intake.config import Settings, load_settings
@@ -136,7 +137,7 @@ def read_rows(url: str, sql: str, **params: Any) -> list[tuple[Any, ...]]:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         url = f"sqlite:///file:{parsed.database}?mode=ro&uri=true"
-    engine = create_engine(url)
+    engine = create_engine(url, poolclass=NullPool)  # closed on release
     try:
         with engine.connect() as connection:
             return [tuple(row) for row in connection.execute(text(sql), params)]

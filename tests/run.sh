@@ -29,6 +29,11 @@ if ! command -v dovecot >/dev/null && [ ! -x /usr/sbin/dovecot ]; then
     apt_install dovecot-imapd || echo "tests/run.sh: Dovecot missing; IMAP tests will fail" >&2
 fi
 
+# Chromium renders the digest's HTML in a headless browser test.
+if ! command -v chromium >/dev/null; then
+    apt_install chromium || echo "tests/run.sh: Chromium missing; the browser test is skipped (fails under CI)" >&2
+fi
+
 # The unit files are checked with systemd-analyze.
 if ! command -v systemd-analyze >/dev/null; then
     apt_install systemd || echo "tests/run.sh: systemd-analyze missing; unit tests will fail" >&2

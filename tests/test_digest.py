@@ -469,3 +469,19 @@ def test_a_real_browser_renders_the_digest_with_the_oldest_ticket_first(
     assert f"#{oldest}</td>" in first_row
     assert "Opened 30 days ago" in first_row
     assert "Ann &lt;b&gt;Customer&lt;/b&gt;" in first_row
+
+
+@pytest.mark.parametrize(
+    "days", [["mon", "tue", "wed", "thu", "fri"], ["sat"], ["tue", "sun"]]
+)
+def test_no_target_takes_longer_than_the_longest_bound(days: list[str]) -> None:
+    plan = targets(working_days=days)
+    start = datetime(2026, 3, 1, 0, 30, tzinfo=BERLIN)
+
+    longest = max(
+        plan.due(opened, priority, None) - opened
+        for opened in (start + timedelta(hours=5 * step) for step in range(400))
+        for priority in ("low", "normal", "high", "urgent")
+    )
+
+    assert longest <= plan.longest()

@@ -234,15 +234,19 @@ def test_mail_already_queued_is_held_back_once_its_address_bounces(
     first_ack = f"<{outgoing(parts, 'ack')[0].message_id}>"
     deliver(parts, dsn(first_ack))
     settings = parts.settings
+    store = StoreRunner(1)
     worker = OutboxWorker(
         parts.intake.session_factory,
         parts.clock,
         settings.outbound,
         make_sender(settings.outbound, settings.outbox_maildir),
-        StoreRunner(1),
+        store,
     )
 
-    asyncio.run(worker.run_once())
+    try:
+        asyncio.run(worker.run_once())
+    finally:
+        store.shutdown()
 
     rows = {row.message_pk: row for row in outbox_rows(parts)}
     second = rows[outgoing(parts, "ack")[1].id]

@@ -183,7 +183,6 @@ def test_two_daemons_share_one_database_without_doubling_anything(
     assert len({claimed_by for _, _, claimed_by in sent}) == 2
 
 
-@pytest.mark.usefixtures("store_backend")
 def test_a_nul_character_in_a_body_is_stored_on_either_backend(parts: Parts) -> None:
     # PostgreSQL's text type refuses NUL; base64 can carry one all the same.
     raw = (

@@ -13,6 +13,7 @@ from time import monotonic, sleep
 from zoneinfo import ZoneInfo
 
 import pytest
+from sqlalchemy import update
 
 from intake.clock import FrozenClock
 from intake.config import DigestSettings, load_settings
@@ -26,6 +27,7 @@ from notifier.scheduler import (
     due_digest,
     latest_slot,
 )
+from store.models import Ticket
 from tests.conftest import DaemonProcess, free_port, query
 from tests.owner import OWNER, Story, body, outgoing, owner_config
 
@@ -459,3 +461,29 @@ def wait_for_files(
             return sorted(folder.glob("*"))
         sleep(0.1)
     raise AssertionError(f"not {count} files in {folder}:\n{daemon.log()}")
+
+
+def test_a_due_date_set_by_hand_brings_its_own_reminder(
+    owner_parts: tuple[Parts, FrozenClock],
+) -> None:
+    parts, clock = owner_parts
+    story = Story(parts)
+    now = clock.now()
+    ann = story.customer("Ann Customer", "ann@customer.example", at=now)
+    # Overdue for weeks by its target: too late to remind, so no reminder ...
+    old = story.ticket(ann, now - timedelta(days=40), subject="Old one")
+    # ... until an agent sets a new date, which passes an hour from now.
+    with parts.engine.begin() as connection:
+        connection.execute(
+            update(Ticket)
+            .where(Ticket.id == old)
+            .values(due_at=now + timedelta(hours=1))
+        )
+
+    before = jobs_of(parts).reminders()
+    clock.advance(timedelta(hours=1, minutes=1))
+    after = jobs_of(parts).reminders()
+
+    assert (before, after) == (0, 1)
+    [mail] = outgoing(parts, "reminder")
+    assert mail["To"].addresses[0].addr_spec == OWNER  # no agents: the owner

@@ -459,3 +459,72 @@ def test_a_missing_credential_names_the_setting_and_the_file(tmp_path: Path) -> 
 
     assert error.value.setting == "outbound.relay"
     assert "relay-password" in str(error.value)
+
+
+# -- the stop, connection by connection -------------------------------------------
+
+
+def reply(connection: socket.socket) -> bytes:
+    """One SMTP reply, possibly of several lines."""
+    data = b""
+    while not re.search(rb"(^|\r\n)\d{3} [^\r\n]*\r\n$", data):
+        chunk = connection.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+@pytest.mark.slow
+def test_a_message_in_data_at_sigterm_is_stored_then_the_connection_gets_421(
+    daemon: DaemonProcess,
+) -> None:
+    raw = crlf(make_mail(message_id="<in-flight@customer.example>"))
+    half = len(raw) // 2
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=30) as conn:
+        reply(conn)
+        for command in (
+            b"EHLO sender.example",
+            b"MAIL FROM:<ann@customer.example>",
+            b"RCPT TO:<support@example.com>",
+            b"DATA",
+        ):
+            conn.sendall(command + b"\r\n")
+            reply(conn)
+        conn.sendall(raw[:half])
+
+        assert daemon.process is not None
+        daemon.process.send_signal(signal.SIGTERM)
+        time.sleep(0.5)  # the daemon is stopping; this DATA is in flight
+        conn.sendall(raw[half:] + b".\r\n")
+        after_data = reply(conn)
+        conn.sendall(b"MAIL FROM:<ann@customer.example>\r\n")
+        after_stop = reply(conn)
+    code = daemon.stop()  # already stopping: waits and closes the log
+
+    assert after_data.startswith(b"250 ")
+    # The 421 comes as the answer to MAIL, or unsolicited right after the
+    # 250 once nothing is in flight any more (RFC 5321 3.8 allows both).
+    assert re.search(rb"(^|\n)421 4\.3\.2 ", after_data + after_stop)
+    assert code == 0
+    stored = json.loads(daemon.cli("messages", "list", "--json").stdout)
+    assert [m["message_id"] for m in stored] == ["in-flight@customer.example"]
+
+
+@pytest.mark.slow
+def test_an_idle_connection_is_told_421_and_closed_when_the_daemon_stops(
+    daemon: DaemonProcess,
+) -> None:
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=30) as conn:
+        reply(conn)
+        conn.sendall(b"EHLO sender.example\r\n")
+        reply(conn)
+
+        assert daemon.process is not None
+        daemon.process.send_signal(signal.SIGTERM)
+        goodbye = reply(conn)
+        closed = conn.recv(1) == b""
+
+    assert goodbye.startswith(b"421 4.3.2")
+    assert closed
+    assert daemon.stop() == 0
