@@ -35,7 +35,7 @@ def arrival(email: RawEmail) -> Arrival:
     Pure: no store access, so it runs outside the transaction.
     """
     raw = email.trace + email.raw
-    digest = content_hash(raw)
+    digest = content_hash(email.raw)  # as sent: an mbox "From " line leads
     try:
         inbound = parse_email(
             email.raw,

@@ -209,7 +209,11 @@ def parsed(
 
 
 def _emails(chunk: list[Item], acknowledge: bool) -> list[RawEmail]:
-    return [RawEmail(item.load(), "import", acknowledge=acknowledge) for item in chunk]
+    # The file in the source, so a quarantined one can be traced back to it.
+    return [
+        RawEmail(item.load(), "import:" + item.label[-193:], acknowledge=acknowledge)
+        for item in chunk
+    ]
 
 
 def _parse_chunk(emails: list[RawEmail]) -> list[Arrival]:
