@@ -32,7 +32,6 @@ from sqlalchemy import (
     Table,
     and_,
     bindparam,
-    func,
     insert,
     or_,
     select,
@@ -43,12 +42,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from intake import replies, surveys, tickets
 from intake.agents import Agent, Commands, Roster, looks_like_commands, read_commands
-from intake.classify import (
-    DeliveryFailure,
-    classify,
-    delivery_failures,
-    wants_no_reply,
-)
+from intake.classify import classify, delivery_failures, wants_no_reply
 from intake.clock import Clock
 from intake.config import AgentSettings, Settings
 from intake.domain import Address, Channel, Inbound, Kind
@@ -148,6 +142,46 @@ THREAD = (
         ),
     )
     .order_by(messages.c.id)
+)
+FIRST_EMAIL = (
+    select(contacts.c.value)
+    .where(
+        contacts.c.customer_id == bindparam("customer_id"),
+        contacts.c.kind == "email",
+    )
+    .order_by(contacts.c.id)
+    .limit(1)
+)
+NAME_OF_ADDRESS = (
+    select(customers.c.name)
+    .join(contacts, contacts.c.customer_id == customers.c.id)
+    .where(contacts.c.kind == "email", contacts.c.value == bindparam("email"))
+)
+# Delivery reports: the messages they are about, and what they change.
+OURS = select(
+    messages.c.id, messages.c.ticket_id, messages.c.message_id, messages.c.recipients
+).where(
+    messages.c.message_id.in_(bindparam("ids", expanding=True)),
+    messages.c.direction == "out",
+)
+MESSAGES_FAILED = (
+    update(messages)
+    .where(messages.c.id.in_(bindparam("pks", expanding=True)))
+    .values(status="failed")
+)
+OUTBOX_FAILED = (
+    update(outbox_table)
+    .where(outbox_table.c.message_pk.in_(bindparam("pks", expanding=True)))
+    .values(status="failed", last_error=bindparam("reason"))
+)
+UNDELIVERABLE_NOW = (
+    update(contacts)
+    .where(
+        contacts.c.kind == "email",
+        contacts.c.value.in_(bindparam("addresses", expanding=True)),
+        contacts.c.undeliverable_at.is_(None),
+    )
+    .values(undeliverable_at=bindparam("now"))
 )
 _agents = Base.metadata.tables["agents"]
 
@@ -677,6 +711,8 @@ class Intake:
         ids = [row.message_id for row in rows[: last + 1] if row.message_id]
         references = list(dict.fromkeys(ids[:1] + ids[-9:]))
 
+        # TODO(sms-outbox): a customer who wrote by SMS gets the reply by SMS
+        # once the outbox sends SMS; until then the agent is told it was not sent.
         problem = _unreachable(connection, address)
         if problem or not address:
             explanation = (
@@ -686,9 +722,8 @@ class Intake:
             self._tell(sends, agent, None, explanation, number=ticket.number)
             return
 
-        name = connection.scalar(
-            select(customers.c.name).where(customers.c.id == ticket.customer_id)
-        )
+        # The name of whoever owns the address: the customer or a colleague.
+        name = connection.scalar(NAME_OF_ADDRESS, {"email": address})
         mail = self.composer.agent_reply(
             ticket_number=ticket.number,
             subject=ticket.subject,
@@ -760,15 +795,7 @@ class Intake:
         )
 
     def _first_email(self, connection: Connection, ticket: TicketRef) -> str | None:
-        found = connection.scalar(
-            select(contacts.c.value)
-            .where(
-                contacts.c.customer_id == ticket.customer_id,
-                contacts.c.kind == "email",
-            )
-            .order_by(contacts.c.id)
-            .limit(1)
-        )
+        found = connection.scalar(FIRST_EMAIL, {"customer_id": ticket.customer_id})
         return str(found) if found else None
 
     def _register_agents(self, configured: Sequence[AgentSettings]) -> Roster:
@@ -854,12 +881,7 @@ class Intake:
         permanently failed address undeliverable; the ticket concerned."""
         if not inbound.report_message_ids:
             return None
-        ours = connection.execute(
-            select(messages.c.id, messages.c.ticket_id, messages.c.message_id).where(
-                messages.c.message_id.in_(inbound.report_message_ids),
-                messages.c.direction == "out",
-            )
-        ).all()
+        ours = connection.execute(OURS, {"ids": inbound.report_message_ids}).all()
         if not ours:
             return None
 
@@ -868,18 +890,20 @@ class Intake:
         if failures or not reported:
             # A report that says nothing of failure (delayed, relayed) is news
             # only; a bounce without a report is a failure of unknown kind.
-            _mark_failed(connection, [row.id for row in ours], failures)
-        permanent = sorted({f.recipient for f in failures if f.permanent})
-        if permanent:
-            connection.execute(
-                update(contacts)
-                .where(
-                    contacts.c.kind == "email",
-                    func.lower(contacts.c.value).in_(permanent),
-                    contacts.c.undeliverable_at.is_(None),
-                )
-                .values(undeliverable_at=now)
+            reason = "bounced: " + (
+                ", ".join(f"{f.recipient} {f.status}" for f in failures) or "no details"
             )
+            pks = [row.id for row in ours]
+            connection.execute(MESSAGES_FAILED, {"pks": pks})
+            connection.execute(OUTBOX_FAILED, {"pks": pks, "reason": reason})
+        # Reports lower-case addresses at will; the contact is named as we
+        # sent to it.
+        as_sent = {r.lower(): r for row in ours for r in row.recipients}
+        permanent = sorted(
+            {as_sent.get(f.recipient, f.recipient) for f in failures if f.permanent}
+        )
+        if permanent:
+            connection.execute(UNDELIVERABLE_NOW, {"addresses": permanent, "now": now})
         for row in ours:
             if row.ticket_id is not None:
                 tickets.record(
@@ -1432,22 +1456,6 @@ def _shown(value: object) -> str | int | None:
     if value is None or isinstance(value, str | int):
         return value
     return str(value)
-
-
-def _mark_failed(
-    connection: Connection, message_pks: list[int], failures: list[DeliveryFailure]
-) -> None:
-    reason = "bounced: " + (
-        ", ".join(f"{f.recipient} {f.status}" for f in failures) or "no details"
-    )
-    connection.execute(
-        update(messages).where(messages.c.id.in_(message_pks)).values(status="failed")
-    )
-    connection.execute(
-        update(outbox_table)
-        .where(outbox_table.c.message_pk.in_(message_pks))
-        .values(status="failed", last_error=reason)
-    )
 
 
 def _insert_ignoring_conflict(

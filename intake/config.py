@@ -151,6 +151,10 @@ class OutboundSettings(Section):
         return value.strip().lower()
 
 
+# The shortest reply secret taken; a shorter one could be guessed.
+MIN_SECRET_CHARS = 16
+
+
 class TicketSettings(Section):
     subject_prefix: str = "#"
     reopen_days: Annotated[int, Field(ge=0)] = 7
@@ -185,9 +189,6 @@ class TicketSettings(Section):
         if any(char in value for char in "[]"):
             raise ValueError("must not contain [ or ]; the token is [PREFIX1234]")
         return value
-
-
-MIN_SECRET_CHARS = 16
 
 
 class AgentSettings(Section):

@@ -56,6 +56,17 @@ LAST_FLOOD = (
     .order_by(_floods.c.id.desc())
     .limit(1)
 )
+GOES_ON = (
+    update(_floods)
+    .where(_floods.c.id == bindparam("flood_id"))
+    .values(last_at=bindparam("now"), messages=_floods.c.messages + 1)
+)
+STARTS = insert(_floods).returning(_floods.c.id)
+WARNED = (
+    update(_floods)
+    .where(_floods.c.id == bindparam("flood_id"))
+    .values(warning_pk=bindparam("message_pk"))
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,15 +110,11 @@ class FloodGate:
             LAST_FLOOD, {"scope": over.scope, "key": over.key}
         ).first()
         if last is not None and now - last.last_at < self.window:
-            connection.execute(
-                update(_floods)
-                .where(_floods.c.id == last.id)
-                .values(last_at=now, messages=_floods.c.messages + 1)
-            )
+            connection.execute(GOES_ON, {"flood_id": last.id, "now": now})
             return None
 
         flood_id = connection.execute(
-            insert(_floods).returning(_floods.c.id),
+            STARTS,
             {
                 "scope": over.scope,
                 "key": over.key,
@@ -127,8 +134,4 @@ class FloodGate:
         return int(flood_id)
 
     def warned(self, connection: Connection, flood_id: int, message_pk: int) -> None:
-        connection.execute(
-            update(_floods)
-            .where(_floods.c.id == flood_id)
-            .values(warning_pk=message_pk)
-        )
+        connection.execute(WARNED, {"flood_id": flood_id, "message_pk": message_pk})

@@ -67,8 +67,8 @@ def _toml_value(value: Any) -> str:
     return f'"{value}"' if isinstance(value, str) else str(value)
 
 
-def agent_settings(directory: Path, **sections: dict[str, Any]) -> Settings:
-    return load_settings(agent_config(directory, **sections), environ={})
+def agent_settings(directory: Path, *, owner: str = OWNER, **sections: Any) -> Settings:
+    return load_settings(agent_config(directory, owner=owner, **sections), environ={})
 
 
 def deliver(parts: Parts, raw: bytes, **kwargs: Any) -> Outcome:

@@ -18,6 +18,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid
@@ -33,6 +34,8 @@ from sqlalchemy.pool import NullPool
 from intake.clock import FrozenClock
 from intake.config import Settings, load_settings
 from intake.daemon import Parts, prepare
+from store.engine import make_engine
+from store.migrate import upgrade
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO.parent / "shared" / "corpus"
@@ -41,9 +44,9 @@ START = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
 STORE_URL_ENV = "TEST_STORE_URL"
 POSTGRES_DEFAULT = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 
-# The database of the running test when the suite runs on PostgreSQL; set
-# by the autouse fixture below, read by write_config.
-_store_url: str | None = None
+# The PostgreSQL run's databases, while a test runs; set by the autouse
+# fixture below, asked by write_config for the test's database.
+_backend: PostgresBackend | None = None
 
 
 def postgres_server() -> str | None:
@@ -63,51 +66,102 @@ def postgres_server() -> str | None:
 
 
 class FreshDatabase:
-    """A new, empty database on a PostgreSQL server, dropped afterwards even
-    when daemons still hold connections to it."""
+    """A new database on a PostgreSQL server, empty or a copy of a template,
+    dropped afterwards even when daemons still hold connections to it."""
 
-    def __init__(self, server_url: str) -> None:
+    def __init__(self, server_url: str, template: str | None = None) -> None:
         self.admin = create_engine(server_url, isolation_level="AUTOCOMMIT")
         self.name = f"intake_test_{uuid.uuid4().hex[:12]}"
+        self.template = template
         self.url = (
             make_url(server_url)
             .set(database=self.name)
             .render_as_string(hide_password=False)
         )
 
-    def __enter__(self) -> str:
+    def create(self) -> str:
+        copy = f' TEMPLATE "{self.template}"' if self.template else ""
         with self.admin.connect() as connection:
-            connection.execute(text(f'CREATE DATABASE "{self.name}"'))
+            connection.execute(text(f'CREATE DATABASE "{self.name}"{copy}'))
         return self.url
 
-    def __exit__(self, *exc: object) -> None:
+    def drop(self) -> None:
         with self.admin.connect() as connection:
             connection.execute(text(f'DROP DATABASE "{self.name}" WITH (FORCE)'))
         self.admin.dispose()
+
+    def __enter__(self) -> str:
+        return self.create()
+
+    def __exit__(self, *exc: object) -> None:
+        self.drop()
+
+
+class PostgresBackend:
+    """The suite's PostgreSQL run, made affordable: the migrations run once
+    into a template database; a test that writes settings gets a copy of it,
+    made on first use, and dropped in the background once the test is over.
+    Tests that never touch a store pay nothing."""
+
+    def __init__(self, server_url: str) -> None:
+        self.server = server_url
+        self.template = FreshDatabase(server_url)
+        engine = make_engine(self.template.create())
+        upgrade(engine)
+        engine.dispose()
+        self.dropper = ThreadPoolExecutor(1, thread_name_prefix="drop-database")
+        self.current: FreshDatabase | None = None
+
+    def database(self) -> str:
+        if self.current is None:
+            self.current = FreshDatabase(self.server, template=self.template.name)
+            self.current.create()
+        return self.current.url
+
+    def test_over(self) -> None:
+        if self.current is not None:
+            self.dropper.submit(self.current.drop)
+            self.current = None
+
+    def close(self) -> None:
+        self.dropper.shutdown(wait=True)
+        self.template.drop()
 
 
 def on_postgres() -> bool:
     return bool(os.environ.get(STORE_URL_ENV))
 
 
-@pytest.fixture(autouse=True)
-def store_backend(request: pytest.FixtureRequest) -> Iterator[str]:
-    """SQLite, or a fresh PostgreSQL database for this test (see above)."""
-    global _store_url  # noqa: PLW0603 (one test at a time reads it)
+@pytest.fixture(scope="session")
+def postgres_backend() -> Iterator[PostgresBackend | None]:
     if not on_postgres():
+        yield None
+        return
+    server = postgres_server()
+    if server is None:
+        pytest.fail(f"{STORE_URL_ENV} is set but PostgreSQL does not answer")
+    backend = PostgresBackend(server)
+    yield backend
+    backend.close()
+
+
+@pytest.fixture(autouse=True)
+def store_backend(
+    request: pytest.FixtureRequest, postgres_backend: PostgresBackend | None
+) -> Iterator[str]:
+    """SQLite, or a fresh PostgreSQL database for this test (see above)."""
+    global _backend  # noqa: PLW0603 (one test at a time uses it)
+    if postgres_backend is None:
         yield "sqlite"
         return
     if request.node.get_closest_marker("sqlite_only"):
         pytest.skip("about SQLite itself; the SQLite run covers it")
-    server = postgres_server()
-    if server is None:
-        pytest.fail(f"{STORE_URL_ENV} is set but PostgreSQL does not answer")
-    with FreshDatabase(server) as url:
-        _store_url = url
-        try:
-            yield "postgresql"
-        finally:
-            _store_url = None
+    _backend = postgres_backend
+    try:
+        yield "postgresql"
+    finally:
+        _backend = None
+        postgres_backend.test_over()
 
 
 @pytest.fixture
@@ -171,8 +225,8 @@ def write_config(directory: Path, **sections: dict[str, Any]) -> Path:
     the suite runs on PostgreSQL."""
     sections = {name: dict(values) for name, values in sections.items()}
     sections.setdefault("http", {}).setdefault("listen", f"127.0.0.1:{free_port()}")
-    if _store_url is not None:
-        sections.setdefault("store", {}).setdefault("url", _store_url)
+    if _backend is not None and "url" not in sections.get("store", {}):
+        sections.setdefault("store", {})["url"] = _backend.database()
     lines = [f'state_dir = "{directory / "state"}"']
     for name, values in sections.items():
         lines.append(f"[{name}]")

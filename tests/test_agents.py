@@ -12,13 +12,17 @@ import pytest
 
 from intake.agents import Agent, Roster
 from intake.clock import FrozenClock
+from intake.config import load_settings
 from intake.daemon import Parts, prepare
+from intake.errors import ConfigError
+from intake.logs import settings_secrets
 from intake.replies import visible_text
 from intake.threads import ReplyAddresses
 from store.models import Message
 from tests.agentmail import (
     BOB,
     CAROL,
+    agent_config,
     agent_settings,
     body,
     deliver,
@@ -44,6 +48,12 @@ def parts(tmp_path: Path, clock: FrozenClock) -> Iterator[Parts]:
     built = prepare(agent_settings(tmp_path), clock)
     yield built
     built.engine.dispose()
+
+
+def addresses(parts: Parts) -> ReplyAddresses:
+    found = parts.intake.reply_addresses
+    assert found is not None
+    return found
 
 
 # -- pure: the roster, the reply address, quote stripping ------------------------
@@ -181,7 +191,7 @@ def test_a_new_ticket_notifies_every_agent_while_unassigned(parts: Parts) -> Non
     mail = parsed(notification)
     assert sorted(notification.recipients) == [BOB, CAROL]
     reply_address = mail["Reply-To"].addresses[0].addr_spec
-    assert reply_address == parts.intake.reply_addresses.for_ticket(1)  # type: ignore[union-attr]
+    assert reply_address == addresses(parts).for_ticket(1)
     assert "Hello, my printer is on fire." in body(notification)
     assert "Ann Customer <ann@customer.example>" in body(notification)
     assert mail["Auto-Submitted"] == "auto-generated"
@@ -314,7 +324,7 @@ def test_a_stranger_writing_to_the_reply_address_with_its_mac_joins_the_ticket(
     parts: Parts,
 ) -> None:
     deliver(parts, make_mail())
-    address = parts.intake.reply_addresses.for_ticket(1)  # type: ignore[union-attr]
+    address = addresses(parts).for_ticket(1)
 
     outcome = deliver(
         parts, make_mail(sender="Dave <dave@customer.example>", to=address)
@@ -381,3 +391,55 @@ def test_the_agents_own_mail_is_kept_apart_from_the_customers(parts: Parts) -> N
             "agent",
         )
         assert stored.text == "On it."
+
+
+# -- settings -----------------------------------------------------------------------
+
+
+def test_agents_without_a_reply_secret_stop_start_up(tmp_path: Path) -> None:
+    config = agent_config(tmp_path, tickets={"reply_secret": ""})
+
+    with pytest.raises(ConfigError) as refused:
+        load_settings(config, environ={})
+
+    assert refused.value.setting == "tickets.reply_secret"
+
+
+def test_the_reply_secret_is_masked_in_the_log(tmp_path: Path) -> None:
+    secret_file = tmp_path / "reply-secret"
+    secret_file.write_text("from-a-file-0123456789abcdef\n")
+    config = agent_config(
+        tmp_path, tickets={"reply_secret": "", "reply_secret_file": str(secret_file)}
+    )
+
+    settings = load_settings(config, environ={})
+
+    assert settings.tickets.reply_key == "from-a-file-0123456789abcdef"
+    assert "from-a-file-0123456789abcdef" in settings_secrets(settings)
+
+
+def test_two_agents_with_one_name_stop_start_up(tmp_path: Path) -> None:
+    config = agent_config(
+        tmp_path, agents=(("Bob", "bob@example.com"), ("bob", "bob2@example.com"))
+    )
+
+    with pytest.raises(ConfigError) as refused:
+        load_settings(config, environ={})
+
+    assert refused.value.setting == "agents.name"
+
+
+def test_customer_markup_reaches_agents_as_plain_text_only(parts: Parts) -> None:
+    deliver(
+        parts,
+        make_mail(
+            sender='"<b>Ann</b>" <ann@customer.example>',
+            body="<script>alert(1)</script> my printer\n",
+        ),
+    )
+
+    [notification] = outgoing(parts, "notification")
+    mail = parsed(notification)
+    assert mail.get_content_type() == "text/plain"
+    assert mail.get_body(("html",)) is None
+    assert "<script>alert(1)</script> my printer" in body(notification)

@@ -37,7 +37,9 @@ ROSTER = Roster([BOB_AGENT, Agent(2, "Carol Agent", "carol@example.com")])
 
 def read(text: str) -> tuple[list[tuple[str, object]], list[str], str, str | None]:
     found = read_commands(text, ROSTER, sender=BOB_AGENT, now=NOW, zone=BERLIN)
-    commands = [(command.name, command.value) for command in found.commands]
+    commands: list[tuple[str, object]] = [
+        (command.name, command.value) for command in found.commands
+    ]
     return commands, found.problems, found.text, found.note
 
 

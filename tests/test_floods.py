@@ -8,7 +8,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import event, func, select
+from sqlalchemy import ColumnElement, event, func, select
 
 from intake.clock import FrozenClock
 from intake.daemon import Parts, prepare
@@ -32,9 +32,9 @@ def parts(tmp_path: Path, clock: FrozenClock) -> Iterator[Parts]:
     built.engine.dispose()
 
 
-def count(parts: Parts, model: type, *where: object) -> int:
+def count(parts: Parts, model: type, *where: ColumnElement[bool]) -> int:
     with parts.intake.session_factory() as session:
-        query = select(func.count()).select_from(model).where(*where)  # type: ignore[arg-type]
+        query = select(func.count()).select_from(model).where(*where)
         return int(session.scalar(query) or 0)
 
 

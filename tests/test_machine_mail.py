@@ -350,3 +350,29 @@ def test_an_out_of_office_answer_never_reopens_a_resolved_ticket(
     assert outcome.status == "machine"
     assert ticket(parts, 1).status == "resolved"
     assert ticket(parts, 1).reopen_count == 0
+
+
+def test_everything_we_send_is_marked_as_ours(parts: Parts) -> None:
+    deliver(parts, make_mail(message_id="<ask@customer.example>"))
+    note = parsed(outgoing(parts, "notification")[0])
+    deliver(parts, reply_to(note, "On it."))
+    deliver(parts, reply_to(note, "#frobnicate"))
+    for n in range(11):
+        deliver(parts, make_mail(subject=f"Flood {n}"))
+
+    sent = outgoing(parts)
+
+    assert {m.kind for m in sent} >= {
+        "ack",
+        "notification",
+        "reply",
+        "notice",
+        "flood-warning",
+    }
+    for message in sent:
+        mail = parsed(message)
+        assert mail["Auto-Submitted"] in ("auto-replied", "auto-generated")
+        assert mail["X-Intake-Loop"] == "support@example.com"
+        assert mail["Message-ID"] == f"<{message.message_id}>"
+        assert message.message_id.endswith("@intake.example.com")
+        assert mail.get_content_type() == "text/plain"

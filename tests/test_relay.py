@@ -264,7 +264,9 @@ def test_an_agents_day_notification_reply_and_resolve(
         daemon.stop()
 
     mail = answered.mail
-    text = mail.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+    part = mail.get_body(("plain",))
+    assert part is not None
+    text = part.get_content()
     assert answered.recipients == [ANN]
     assert mail["In-Reply-To"] == asked
     assert mail["From"].addresses[0].addr_spec == "support@example.com"

@@ -433,12 +433,14 @@ def test_a_started_daemon_sends_the_missed_digest_once_across_a_restart(
     daemon = DaemonProcess(config, port, tmp_path / "daemon.log")
     outbox = tmp_path / "state" / "outbox" / "new"
 
-    daemon.start()
-    wait_for_files(outbox, 1, daemon, starts=1)
-    daemon.stop()
-    daemon.start()
-    sent = wait_for_files(outbox, 1, daemon, starts=2)
-    daemon.stop()
+    try:
+        daemon.start()
+        wait_for_files(outbox, 1, daemon, starts=1)
+        daemon.stop()
+        daemon.start()
+        sent = wait_for_files(outbox, 1, daemon, starts=2)
+    finally:
+        daemon.stop()
 
     assert len(sent) == 1
     assert "(late)" in sent[0].read_text()
