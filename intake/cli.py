@@ -48,7 +48,8 @@ err = Console(stderr=True, highlight=False)
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
-    err.print(f"[bold red]intake:[/] {message}")
+    # Escaped: messages name settings like [smtp], which Rich reads as markup.
+    err.print(f"[bold red]intake:[/] {escape(message)}")
     sys.exit(code)
 
 

@@ -507,7 +507,7 @@ def load_settings(
     data: dict[str, Any] = {}
     if path is not None:
         data = _read_toml(path)
-    _apply_environment(data, environ)
+    from_environment = _apply_environment(data, environ)
 
     try:
         return Settings.model_validate(
@@ -515,7 +515,7 @@ def load_settings(
             context={"credentials_directory": environ.get("CREDENTIALS_DIRECTORY")},
         )
     except ValidationError as exc:
-        raise _first_problem(exc) from None
+        raise _first_problem(exc, from_environment) from None
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -528,11 +528,15 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError("--config", f"not valid TOML: {exc}", str(path)) from None
 
 
-def _apply_environment(data: dict[str, Any], environ: Mapping[str, str]) -> None:
+def _apply_environment(
+    data: dict[str, Any], environ: Mapping[str, str]
+) -> dict[str, str]:
     """``INTAKE_SMTP__LISTEN=...`` sets ``[smtp] listen``; values parse as TOML.
 
     A double underscore separates levels, since keys contain single ones.
+    Returns which variable set which setting, for error messages.
     """
+    applied: dict[str, str] = {}
     for name, value in environ.items():
         if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV:
             continue
@@ -543,6 +547,9 @@ def _apply_environment(data: dict[str, Any], environ: Mapping[str, str]) -> None
             if not isinstance(target, dict):
                 raise ConfigError(name, "overrides a value that is not a table")
         target[path[-1]] = _parse_env_value(value)
+        applied[".".join(path)] = name
+
+    return applied
 
 
 def _parse_env_value(value: str) -> Any:
@@ -552,9 +559,15 @@ def _parse_env_value(value: str) -> Any:
         return value
 
 
-def _first_problem(exc: ValidationError) -> ConfigError:
+def _first_problem(
+    exc: ValidationError, from_environment: Mapping[str, str]
+) -> ConfigError:
     error = exc.errors()[0]
     setting = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    variable = from_environment.get(setting)
+    if variable is not None:
+        # Name what the person set, not a key they will not find in a file.
+        setting = f"{setting} (from the environment variable {variable})"
     if error["type"] == "extra_forbidden":
         return ConfigError(setting, "unknown setting")
 

@@ -165,8 +165,10 @@ class Ladder:
     def by_subject_token(
         self, connection: Connection, subject: str
     ) -> TicketRef | None:
-        match = self.token.search(subject)
-        if match is None:
+        # The last token: a subject that quotes an older ticket's token
+        # and then gained its own ends with the newest one.
+        found = self.token.findall(subject)
+        if not found:
             return None
 
-        return by_number(connection, int(match[1]))
+        return by_number(connection, int(found[-1]))

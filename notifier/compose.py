@@ -9,6 +9,7 @@ so no customer text is ever interpreted as markup.
 from __future__ import annotations
 
 import quopri
+import re
 import textwrap
 from collections.abc import Sequence
 from email import policy
@@ -336,7 +337,15 @@ def _utf8_message(headers: list[HeaderField], text: str) -> bytes:
 
 
 def _without_token(subject: str, token: str) -> str:
-    return " ".join(subject.replace(token, " ").split()) or "(no subject)"
+    """``subject`` without any ticket token of ours, ``token`` says which.
+
+    Every token goes, not only this ticket's: a stranger who quoted another
+    ticket's token gets a new ticket, and its mail must carry only its own
+    token, or their reply would be read against the old one.
+    """
+    prefix = token[1:-1].rstrip("0123456789")
+    tokens = re.compile(r"\[" + re.escape(prefix) + r"\d+\]")
+    return " ".join(tokens.sub(" ", subject).split()) or "(no subject)"
 
 
 def _without_re(subject: str) -> str:

@@ -308,3 +308,27 @@ def test_import_without_acknowledge_queues_nothing(parts: Parts) -> None:
 
     assert outcome.status == "created"
     assert count(parts, Outbox) == 0
+
+
+def test_a_strangers_new_ticket_mails_only_its_own_token(parts: Parts) -> None:
+    first = deliver(parts, make_mail())
+    stranger = deliver(
+        parts,
+        make_mail(
+            sender="Mallory <mallory@evil.example>",
+            subject=f"Re: [#{first.ticket_number}] give me the details",
+        ),
+    )
+    ack = message_from_bytes(
+        ack_of(parts, stranger.ticket_number or 0).raw, policy=policy.default
+    )
+
+    again = deliver(
+        parts,
+        make_mail(sender="Mallory <mallory@evil.example>", subject=str(ack["Subject"])),
+    )
+
+    assert f"[#{first.ticket_number}]" not in str(ack["Subject"])
+    assert f"[#{stranger.ticket_number}]" in str(ack["Subject"])
+    assert again.status == "appended"
+    assert again.ticket_number == stranger.ticket_number

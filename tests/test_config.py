@@ -80,3 +80,11 @@ def test_a_password_in_a_bad_setting_is_not_echoed(tmp_path: Path) -> None:
 
     assert error.value.setting == "outbound.relay"
     assert "hunter2" not in str(error.value)
+
+
+def test_a_bad_environment_variable_is_named_as_such() -> None:
+    with pytest.raises(ConfigError) as error:
+        load_settings(None, environ={"INTAKE_SMTP__LISTNE": "x"})
+
+    assert "INTAKE_SMTP__LISTNE" in str(error.value)
+    assert "unknown setting" in str(error.value)
