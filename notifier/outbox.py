@@ -21,13 +21,13 @@ import random
 import socket
 import ssl
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from functools import partial
 from pathlib import Path
 from typing import Protocol
 
 import aiosmtplib
-from sqlalchemy import func, or_, select
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from intake.clock import Clock
@@ -58,9 +58,14 @@ class Claimed:
     recipients: list[str]
     raw: bytes
     attempts: int
+    message_id: str = ""
 
 
 class Sender(Protocol):
+    # True when sending the same row twice delivers it once; the worker may
+    # then record a whole batch of sends in one transaction.
+    idempotent: bool
+
     async def send(self, item: Claimed) -> None: ...
 
 
@@ -70,6 +75,8 @@ class MaildirSender:
     The file name comes from the outbox row, so a send repeated after a
     crash finds the file already there and writes nothing twice.
     """
+
+    idempotent = True
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -95,6 +102,8 @@ class MaildirSender:
 
 class RelaySender:
     """Sends through the configured SMTP relay with aiosmtplib."""
+
+    idempotent = False  # a relay that took a message cannot be asked
 
     def __init__(self, relay: RelaySettings) -> None:
         self.relay = relay
@@ -206,18 +215,30 @@ class OutboxWorker:
     async def run_once(self) -> int:
         """Claim due rows and send each; the number of rows handled."""
         claimed = await self.run_in_store(self._claim)
+        done: list[tuple[Claimed, SendError | None]] = []
         for item in claimed:
-            error: SendError | None = None
-            try:
-                await self.sender.send(item)
-            except SendError as exc:
-                error = exc
-            except Exception as exc:  # an unexpected failure must not stop sends
-                log.exception("outbox: send %s failed unexpectedly", item.outbox_id)
-                error = SendError(f"{type(exc).__name__}: {exc}")
-            await self.run_in_store(partial(self._finish, item, error))
+            done.append((item, await self._send(item)))
+            # A send that cannot be repeated safely is recorded at once, so
+            # a crash resends at most that one; a repeatable one waits for
+            # the batch, which saves a disk flush a message.
+            if not self.sender.idempotent:
+                await self.run_in_store(partial(self._finish, done))
+                done = []
+        if done:
+            await self.run_in_store(partial(self._finish, done))
 
         return len(claimed)
+
+    async def _send(self, item: Claimed) -> SendError | None:
+        try:
+            await self.sender.send(item)
+        except SendError as exc:
+            return exc
+        except Exception as exc:  # an unexpected failure must not stop sends
+            log.exception("outbox: send %s failed unexpectedly", item.outbox_id)
+            return SendError(f"{type(exc).__name__}: {exc}")
+
+        return None
 
     def _claim(self) -> list[Claimed]:
         now = self.clock.now()
@@ -235,6 +256,16 @@ class OutboxWorker:
             blocked = _undeliverable(
                 session, [r for row in rows for r in row.recipients]
             )
+            # One query for every body, before any row changes, so that no
+            # autoflush writes rows one at a time.
+            bodies = {
+                pk: (raw, message_id)
+                for pk, raw, message_id in session.execute(
+                    select(Message.id, Message.raw, Message.message_id).where(
+                        Message.id.in_([row.message_pk for row in rows])
+                    )
+                )
+            }
             claimed = []
             for row in rows:
                 recipients = [r for r in row.recipients if r.lower() not in blocked]
@@ -244,9 +275,7 @@ class OutboxWorker:
                 row.status = "sending"
                 row.claimed_by = self.name
                 row.next_attempt_at = now + LEASE
-                raw = session.scalar(
-                    select(Message.raw).where(Message.id == row.message_pk)
-                )
+                raw, message_id = bodies.get(row.message_pk, (b"", None))
                 claimed.append(
                     Claimed(
                         outbox_id=row.id,
@@ -255,6 +284,7 @@ class OutboxWorker:
                         recipients=recipients,
                         raw=raw or b"",
                         attempts=row.attempts,
+                        message_id=message_id or "",
                     )
                 )
 
@@ -270,44 +300,93 @@ class OutboxWorker:
         session.get_one(Message, row.message_pk).status = "failed"
         log.warning("outbox=%s not sent: %s marked undeliverable", row.id, names)
 
-    def _finish(self, item: Claimed, error: SendError | None) -> None:
+    def _finish(self, done: list[tuple[Claimed, SendError | None]]) -> None:
+        """Record how each send went, all in one transaction.
+
+        Successes, the common case, are two statements for the whole batch;
+        each failure is looked at on its own.
+        """
         now = self.clock.now()
+        sent = [item for item, error in done if error is None]
         with self.session_factory.begin() as session:
-            row = session.get_one(Outbox, item.outbox_id)
-            message = session.get_one(Message, row.message_pk)
-            row.attempts += 1
-            if error is None:
-                row.status = message.status = "sent"
-                row.sent_at = now
-                row.last_error = ""
-                log.info(
-                    "sent outbox=%s message_id=%s to=%s",
-                    row.id,
-                    message.message_id,
-                    ",".join(row.recipients),
-                )
-                return
+            if sent:
+                self._record_sent(session, sent, now)
+            for item, error in done:
+                if error is not None:
+                    self._record(session, item, error, now)
 
-            row.last_error = str(error)
-            if error.permanent or row.attempts >= self.settings.max_attempts:
-                row.status = message.status = "failed"
-                log.error(
-                    "outbox=%s failed for good after %d attempts: %s",
-                    row.id,
-                    row.attempts,
-                    error,
-                )
-                return
+    def _record_sent(
+        self, session: Session, sent: list[Claimed], now: datetime
+    ) -> None:
+        ids = [item.outbox_id for item in sent]
+        quick = {"synchronize_session": False}
+        session.execute(
+            update(Outbox)
+            .where(Outbox.id.in_(ids))
+            .values(
+                status="sent",
+                sent_at=now,
+                last_error="",
+                attempts=Outbox.attempts + 1,
+            )
+            .execution_options(**quick)
+        )
+        session.execute(
+            update(Message)
+            .where(Message.id.in_(select(Outbox.message_pk).where(Outbox.id.in_(ids))))
+            .values(status="sent")
+            .execution_options(**quick)
+        )
+        for item in sent:
+            log.info(
+                "sent outbox=%s message_id=%s to=%s",
+                item.outbox_id,
+                item.message_id,
+                ",".join(item.recipients),
+            )
 
-            row.status = "pending"
-            row.next_attempt_at = now + self.backoff(row.attempts)
-            log.warning(
-                "outbox=%s attempt %d failed, next at %s: %s",
+    def _record(
+        self,
+        session: Session,
+        item: Claimed,
+        error: SendError | None,
+        now: datetime,
+    ) -> None:
+        row = session.get_one(Outbox, item.outbox_id)
+        message = session.get_one(Message, row.message_pk)
+        row.attempts += 1
+        if error is None:
+            row.status = message.status = "sent"
+            row.sent_at = now
+            row.last_error = ""
+            log.info(
+                "sent outbox=%s message_id=%s to=%s",
+                row.id,
+                message.message_id,
+                ",".join(row.recipients),
+            )
+            return
+
+        row.last_error = str(error)
+        if error.permanent or row.attempts >= self.settings.max_attempts:
+            row.status = message.status = "failed"
+            log.error(
+                "outbox=%s failed for good after %d attempts: %s",
                 row.id,
                 row.attempts,
-                row.next_attempt_at.isoformat(timespec="seconds"),
                 error,
             )
+            return
+
+        row.status = "pending"
+        row.next_attempt_at = now + self.backoff(row.attempts)
+        log.warning(
+            "outbox=%s attempt %d failed, next at %s: %s",
+            row.id,
+            row.attempts,
+            row.next_attempt_at.isoformat(timespec="seconds"),
+            error,
+        )
 
     def backoff(self, attempts: int) -> timedelta:
         """Exponential from the base, capped at six hours, with 10% jitter."""

@@ -100,9 +100,10 @@ class FreshDatabase:
 
 class PostgresBackend:
     """The suite's PostgreSQL run, made affordable: the migrations run once
-    into a template database; a test that writes settings gets a copy of it,
-    made on first use, and dropped in the background once the test is over.
-    Tests that never touch a store pay nothing."""
+    into a template database; each settings directory a test writes gets a
+    copy of it (as each gets its own SQLite file), made on first use and
+    dropped in the background once the test is over. Tests that never touch
+    a store pay nothing."""
 
     def __init__(self, server_url: str) -> None:
         self.server = server_url
@@ -111,18 +112,19 @@ class PostgresBackend:
         upgrade(engine)
         engine.dispose()
         self.dropper = ThreadPoolExecutor(1, thread_name_prefix="drop-database")
-        self.current: FreshDatabase | None = None
+        self.current: dict[Path, FreshDatabase] = {}
 
-    def database(self) -> str:
-        if self.current is None:
-            self.current = FreshDatabase(self.server, template=self.template.name)
-            self.current.create()
-        return self.current.url
+    def database(self, directory: Path) -> str:
+        if directory not in self.current:
+            fresh = FreshDatabase(self.server, template=self.template.name)
+            fresh.create()
+            self.current[directory] = fresh
+        return self.current[directory].url
 
     def test_over(self) -> None:
-        if self.current is not None:
-            self.dropper.submit(self.current.drop)
-            self.current = None
+        for database in self.current.values():
+            self.dropper.submit(database.drop)
+        self.current = {}
 
     def close(self) -> None:
         self.dropper.shutdown(wait=True)
@@ -230,7 +232,7 @@ def write_config(directory: Path, **sections: dict[str, Any]) -> Path:
     sections = {name: dict(values) for name, values in sections.items()}
     sections.setdefault("http", {}).setdefault("listen", f"127.0.0.1:{free_port()}")
     if _backend is not None and "url" not in sections.get("store", {}):
-        sections.setdefault("store", {})["url"] = _backend.database()
+        sections.setdefault("store", {})["url"] = _backend.database(directory)
     lines = [f'state_dir = "{directory / "state"}"']
     for name, values in sections.items():
         lines.append(f"[{name}]")

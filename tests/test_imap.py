@@ -659,6 +659,8 @@ def test_corpus_through_imap_ends_as_it_does_over_smtp(
     assert imap["machine"] == smtp["machine"]
     assert imap["duplicates"] == smtp["duplicates"]
     assert all_seen(dovecot, "Corpus")
+    over_smtp.engine.dispose()
+    over_imap.engine.dispose()
 
 
 def store_in(directory: Path) -> Parts:
