@@ -242,20 +242,13 @@ class EmailComposer:
         ]
         if reply_to is not None:
             headers.append(("Reply-To", [reply_to]))
-        if in_reply_to:
-            chain = [ref for ref in references[-10:] if ref != in_reply_to]
-            headers += [
-                ("In-Reply-To", f"<{in_reply_to}>"),
-                ("References", " ".join(f"<{ref}>" for ref in [*chain, in_reply_to])),
-            ]
-        # RFC 3834 §5: we are a machine; Exchange honours the second header.
-        headers += [
-            ("Auto-Submitted", auto_submitted),
-            ("X-Auto-Response-Suppress", "All"),
-            (LOOP_HEADER, self.from_address),
-        ]
-        if ticket_number is not None:
-            headers.append(("X-Intake-Ticket", str(ticket_number)))
+        headers += trailing_headers(
+            in_reply_to=in_reply_to,
+            references=references,
+            auto_submitted=auto_submitted,
+            from_address=self.from_address,
+            ticket_number=ticket_number,
+        )
 
         # RFC 6532: an address outside ASCII can only travel as raw UTF-8.
         emails = [self.from_address, *(address.email for address in to)]
@@ -274,6 +267,34 @@ class EmailComposer:
 
 # A header: a text value, or a list of (display name, address) mailboxes.
 HeaderField = tuple[str, "str | list[tuple[str, str]]"]
+
+
+def trailing_headers(
+    *,
+    in_reply_to: str | None,
+    references: Sequence[str],
+    auto_submitted: str,
+    from_address: str,
+    ticket_number: int | None,
+) -> list[tuple[str, str]]:
+    """Threading and machine headers, the same on everything we send."""
+    headers = []
+    if in_reply_to:
+        chain = [ref for ref in references[-10:] if ref != in_reply_to]
+        headers += [
+            ("In-Reply-To", f"<{in_reply_to}>"),
+            ("References", " ".join(f"<{ref}>" for ref in [*chain, in_reply_to])),
+        ]
+    # RFC 3834 §5: we are a machine; Exchange honours the second header.
+    headers += [
+        ("Auto-Submitted", auto_submitted),
+        ("X-Auto-Response-Suppress", "All"),
+        (LOOP_HEADER, from_address),
+    ]
+    if ticket_number is not None:
+        headers.append(("X-Intake-Ticket", str(ticket_number)))
+
+    return headers
 
 
 def _ascii_message(headers: list[HeaderField], text: str) -> bytes:

@@ -21,7 +21,7 @@ from intake.accept import OutgoingEmail
 from intake.clock import Clock
 from intake.config import Settings
 from intake.domain import Address
-from notifier.compose import LOOP_HEADER
+from notifier.compose import trailing_headers
 
 QP_SLICE = 1 << 20  # characters of a body encoded at a time
 
@@ -62,20 +62,13 @@ def compose_email(
         ("Date", format_datetime(clock.now())),
         ("Message-ID", message_id),
     ]
-    if in_reply_to:
-        chain = [ref for ref in references[-10:] if ref != in_reply_to]
-        headers += [
-            ("In-Reply-To", f"<{in_reply_to}>"),
-            ("References", " ".join(f"<{ref}>" for ref in [*chain, in_reply_to])),
-        ]
-    # RFC 3834 §5: we are a machine; Exchange honours the second header.
-    headers += [
-        ("Auto-Submitted", auto_submitted),
-        ("X-Auto-Response-Suppress", "All"),
-        (LOOP_HEADER, from_address),
-    ]
-    if ticket_number is not None:
-        headers.append(("X-Intake-Ticket", str(ticket_number)))
+    headers += trailing_headers(
+        in_reply_to=in_reply_to,
+        references=references,
+        auto_submitted=auto_submitted,
+        from_address=from_address,
+        ticket_number=ticket_number,
+    )
 
     return OutgoingEmail(
         raw=_serialise(headers, text, html),
