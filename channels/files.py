@@ -28,6 +28,7 @@ from channels.mime import extract_message_ids
 from intake.accept import Arrival
 
 HEADER_READ = 64 * 1024
+SOURCE_LENGTH = 100  # messages.source
 _MBOX_SEPARATOR = re.compile(rb"From [^\s:]+ ")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -211,9 +212,15 @@ def parsed(
 def _emails(chunk: list[Item], acknowledge: bool) -> list[RawEmail]:
     # The file in the source, so a quarantined one can be traced back to it.
     return [
-        RawEmail(item.load(), "import:" + item.label[-193:], acknowledge=acknowledge)
+        RawEmail(item.load(), _source(item.label), acknowledge=acknowledge)
         for item in chunk
     ]
+
+
+def _source(label: str) -> str:
+    """``import:PATH``, the path's end kept within the column's 100 chars."""
+    room = SOURCE_LENGTH - len("import:")
+    return "import:" + (label if len(label) <= room else "…" + label[-(room - 1) :])
 
 
 def _parse_chunk(emails: list[RawEmail]) -> list[Arrival]:

@@ -99,3 +99,22 @@ def test_mbox_and_maildir_are_read(tmp_path: Path) -> None:
         "child@customer.example",
         "grandchild@customer.example",
     ]
+
+
+def test_a_file_deep_in_long_folders_imports_and_names_its_path(
+    tmp_path: Path,
+) -> None:
+    folder = tmp_path / ("a-rather-long-folder-name-" * 3) / ("and-another-" * 4)
+    folder.mkdir(parents=True)
+    (folder / "message.eml").write_bytes(b"not mail at all\n")
+    (folder / "mail.eml").write_bytes(make_mail())
+    config = write_config(tmp_path, smtp={"domains": ["example.com"]})
+
+    run_cli(config, "import", str(folder))
+
+    stats = json.loads(run_cli(config, "stats", "--json").stdout)
+    held = json.loads(run_cli(config, "quarantine", "list", "--json").stdout)
+    assert stats["received"] == 1
+    assert len(held) == 1
+    assert held[0]["source"].startswith("import:")
+    assert held[0]["source"].endswith("message.eml")
