@@ -29,8 +29,8 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
-from datetime import date, datetime
-from typing import Any, Protocol, TypeVar
+from datetime import datetime
+from typing import Protocol, TypeVar
 
 from imapclient import DELETED, SEEN, IMAPClient, SocketTimeout
 from imapclient.exceptions import IMAPClientAbortError, IMAPClientError, LoginError
@@ -303,32 +303,6 @@ class Cursors:
             session.add(tally)
 
         return tally
-
-
-def reconciliation(session: Session, since: date) -> list[dict[str, Any]]:
-    """Per mailbox and day from ``since``: mail on the server vs imported.
-
-    For the digest: ``on_server`` counts messages that reached the folder
-    above the cursor, ``imported`` those committed; ``waiting`` is what was
-    still above the cursor at the day's last check.
-    """
-    rows = session.scalars(
-        select(MailboxTally)
-        .where(MailboxTally.day >= since.isoformat())
-        .order_by(MailboxTally.mailbox, MailboxTally.day)
-    )
-
-    return [
-        {
-            "mailbox": row.mailbox,
-            "day": row.day,
-            "on_server": row.on_server,
-            "imported": row.imported,
-            "waiting": row.waiting,
-            "checked_at": row.checked_at.isoformat(timespec="seconds"),
-        }
-        for row in rows
-    ]
 
 
 # -- one daemon per mailbox on PostgreSQL ----------------------------------

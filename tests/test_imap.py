@@ -34,7 +34,6 @@ from channels.imap import (
     lock_key,
     pending,
     plan_batches,
-    reconciliation,
     resume,
     run_here,
 )
@@ -43,6 +42,7 @@ from intake.config import ImapMailbox, load_settings
 from intake.daemon import Parts, prepare
 from intake.errors import ConfigError, StoreUnavailable
 from store import queries
+from store.metrics import mailbox_reconciliation
 from store.models import Quarantine
 from tests.conftest import (
     START,
@@ -586,10 +586,10 @@ def test_reconciliation_counts_mail_on_the_server_and_mail_imported(
 
     poller_for(parts, mailbox_for(dovecot)).poll_once()
 
-    with parts.intake.session_factory() as session:
-        rows = reconciliation(session, START.date())
+    with parts.engine.connect() as connection:
+        rows = mailbox_reconciliation(connection, START.date())
     assert [
-        (r["mailbox"], r["on_server"], r["imported"], r["waiting"]) for r in rows
+        (r["mailbox"], r["arrived"], r["imported"], r["waiting"]) for r in rows
     ] == [("support", 7, 7, 0)]
 
 
