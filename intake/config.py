@@ -79,6 +79,15 @@ def _read_secret(path: Path) -> str:
 SecretFile = Annotated[Path, AfterValidator(_in_credentials)]
 
 
+def _host_port(value: str) -> str:
+    split_host_port(value)
+    return value
+
+
+# A listen address, checked once for every listener that has one.
+HostPort = Annotated[str, AfterValidator(_host_port)]
+
+
 class StoreSettings(Section):
     url: str = ""  # empty: SQLite in the state directory
     password_file: SecretFile | None = None  # the database password, kept apart
@@ -88,17 +97,11 @@ class StoreSettings(Section):
 class SmtpSettings(Section):
     enabled: bool = True
     mode: Literal["smtp", "lmtp"] = "smtp"  # lmtp: behind Postfix (RFC 2033)
-    listen: str = "127.0.0.1:2525"
+    listen: HostPort = "127.0.0.1:2525"
     domains: list[str] = Field(default_factory=lambda: ["localhost"])
     max_message_bytes: Annotated[int, Field(gt=0)] = 25 * 1024 * 1024
     hostname: str = "localhost"
     timeout_seconds: Annotated[int, Field(gt=0)] = 300
-
-    @field_validator("listen")
-    @classmethod
-    def _listen_is_host_port(cls, value: str) -> str:
-        split_host_port(value)
-        return value
 
     @field_validator("domains")
     @classmethod
@@ -420,13 +423,7 @@ class HttpSettings(Section):
     """The HTTP listener: the health endpoint, later webhooks."""
 
     enabled: bool = True
-    listen: str = "127.0.0.1:8025"
-
-    @field_validator("listen")
-    @classmethod
-    def _listen_is_host_port(cls, value: str) -> str:
-        split_host_port(value)
-        return value
+    listen: HostPort = "127.0.0.1:8025"
 
 
 class Settings(Section):
